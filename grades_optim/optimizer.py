@@ -1,0 +1,594 @@
+"""GradESOptimizer: per-matrix gradient-based early stopping around any torch optimizer.
+
+NOTE (why this class does not call ``Optimizer.__init__``): the wrapper must *be* an Optimizer
+(LR schedulers, GradScaler, accelerate and Lightning check ``isinstance``) but must not own
+``param_groups``/``state``: they are live views of the inner optimizer's, so a scheduler writing
+``lr`` or a direct ``inner.load_state_dict`` is seen by both. The base-class attributes its methods
+rely on (the six hook dicts, the patched ``step``) are set up by hand (accelerate's
+``AcceleratedOptimizer`` and timm's ``Lookahead`` do the same).
+
+Where state lives (DESIGN §4): GradES bookkeeping is written into extra keys of the inner
+``param_groups`` as plain ints/floats/lists (``grades_step``, ``grades_cid``, ``grades_numel``,
+``grades_state``), so ``state_dict()`` survives ``torch.load(weights_only=True)``, HF checkpoints
+and DCP without custom code. Frozen parameters stay in their groups; their big state tensors are
+dropped and a minimal entry (``step``) is kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import OrderedDict
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from . import magnitudes as mag
+from .components import Component, ComponentSpec, components_from_mapping, discover_components
+from .rule import TAU_MODES, ComponentState, RuleConfig, decide_all, should_stop
+
+__all__ = ["GradESOptimizer", "CheckRecord"]
+
+logger = logging.getLogger("grades_optim")
+
+FREEZE_MODES = ("auto", "skip", "requires_grad")
+_KEYS = ("grades_step", "grades_cid", "grades_numel", "grades_state")
+_PREV_GRAD = "grades_prev_grad"
+
+
+class CheckRecord(NamedTuple):
+    """One component at one check: its raw metric, the value compared (EMA-smoothed if enabled),
+    the threshold it was compared with and whether it is frozen after the check."""
+
+    step: int
+    component: str
+    kind: str
+    metric: float
+    value: float
+    threshold: float
+    frozen: bool
+
+
+def _nan(x: Optional[float]) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class GradESOptimizer(torch.optim.Optimizer):
+    r"""Wraps an already-built optimizer and freezes each projection matrix once it has converged.
+
+    At every ``check_interval``-th step the wrapper really takes, it measures each live component's
+    gradient magnitude ``m_c`` (see ``metric``/``reduction``) and, once the grace period is over,
+    freezes a component after ``patience`` consecutive checks with ``m_c < τ``. A frozen matrix
+    gets no update, no weight decay and no moment update, its optimizer state is released and,
+    where safe, ``requires_grad=False`` spares its weight-gradient GEMM (gradients still flow
+    through it). ``should_stop`` turns True when the frozen fraction reaches ``max_frozen_ratio``.
+
+    Args:
+        optimizer: the inner ``torch.optim.Optimizer`` (any class), built over the model's params.
+        model: the model; its projection matrices are discovered automatically.
+        components: explicit ``{name: Parameter | Module | [Parameter] | (kind, ...)}`` instead.
+        matcher: regex or ``callable(name) -> kind | bool | None`` replacing the default table.
+        tau: threshold τ > 0 (absolute units of the metric, or a fraction with ``tau_mode="relative"``).
+        alpha: grace period as a fraction of ``total_steps`` in [0, 1) (the paper's α).
+        total_steps: planned optimizer steps; needed with ``alpha > 0``.
+        grace_steps: grace period in steps (alternative to ``alpha``). Default 0.
+        check_interval: measure every this many steps. Default 1.
+        metric: ``"grad_l1"`` (paper v1, default), ``"grad_l2"``, ``"grad_delta_l1"`` (paper v3,
+            ‖g_t − g_{t−1}‖₁, keeps one previous gradient per tracked matrix) or
+            ``"weight_delta_l1"`` (what the released code measures, ‖W_t − W_{t−1}‖₁ over the step).
+        reduction: ``"mean"`` (default: per element, so one τ fits matrices of every size) or
+            ``"sum"`` (the paper's and released code's unnormalised sum).
+        patience: consecutive checks below threshold before freezing. Default 1 (the paper).
+        ema: smoothing factor β in [0, 1) for an EMA of the metric; 0 disables (the paper).
+        tau_mode: ``"absolute"`` (the paper) or ``"relative"``: scale-free, freeze when the
+            metric falls below ``tau ×`` its own mean over the grace period.
+        max_frozen_ratio: ``should_stop`` once this fraction of components is frozen. Default 1.0.
+        freeze_mode: ``"requires_grad"`` (skip + ``requires_grad=False``), ``"skip"`` (never
+            touches ``requires_grad``; safe under DDP and compiled graphs) or ``"auto"``.
+        impl: ``"auto"``, ``"torch"`` or ``"triton"`` for the reductions.
+        record_history: keep one :class:`CheckRecord` per component per check in ``history``.
+
+    Example::
+
+        opt = GradESOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model=model,
+                              tau=1e-6, alpha=0.3, total_steps=1000)
+        for batch in loader:
+            model(**batch).loss.backward()
+            opt.step(); opt.zero_grad()
+            if opt.should_stop:
+                break
+    """
+
+    # The wrapper needs unscaled gradients to measure: GradScaler must unscale before step() and
+    # skip step() on overflow. Never copy the inner's flag (a fused inner would get scaled grads).
+    _step_supports_amp_scaling = False
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, model: Optional[nn.Module] = None,
+                 components=None, matcher=None, tau: float, alpha: float = 0.0,
+                 total_steps: Optional[int] = None, grace_steps: int = 0, check_interval: int = 1,
+                 metric: str = "grad_l1", reduction: str = "mean", patience: int = 1,
+                 ema: float = 0.0, tau_mode: str = "absolute", max_frozen_ratio: float = 1.0,
+                 freeze_mode: str = "auto", impl: str = "auto", record_history: bool = True):
+        _validate_inner(optimizer)
+        _validate(tau=tau, alpha=alpha, total_steps=total_steps, grace_steps=grace_steps,
+                  check_interval=check_interval, metric=metric, reduction=reduction,
+                  patience=patience, ema=ema, tau_mode=tau_mode, max_frozen_ratio=max_frozen_ratio,
+                  freeze_mode=freeze_mode, impl=impl)
+        self._inner = optimizer
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, name, OrderedDict())
+        self._patch_step_function()
+        self.tau, self.alpha, self.total_steps = float(tau), float(alpha), total_steps
+        self.check_interval, self.metric, self.reduction = check_interval, metric, reduction
+        self.max_frozen_ratio, self.record_history = float(max_frozen_ratio), record_history
+        self._grace_steps_arg = grace_steps
+        self._cfg = RuleConfig(tau=float(tau), grace_steps=self._resolve_grace(), patience=patience,
+                               ema=float(ema), tau_mode=tau_mode)
+        self.impl = _resolve_impl(impl)
+        self.freeze_mode, self.freeze_mode_reason = _resolve_freeze_mode(freeze_mode, model)
+        self.components: list[Component] = _resolve(_specs(model, components, matcher), optimizer)
+        self._states = [ComponentState() for _ in self.components]
+        self._step = 0
+        self.history: list[CheckRecord] = []
+        self.released_state_bytes = 0
+        self._write_groups()
+
+    # -- delegation --------------------------------------------------------------------------
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._inner
+
+    @property
+    def param_groups(self):
+        return self._inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self._inner.param_groups = value
+
+    @property
+    def state(self):
+        return self._inner.state
+
+    @state.setter
+    def state(self, value):
+        self._inner.state = value
+
+    @property
+    def defaults(self):
+        return self._inner.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self._inner.defaults = value
+
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (f"GradESOptimizer({type(self._inner).__name__}, tau={self.tau:g}, metric={self.metric!r}, "
+                f"tracked={s['tracked']}, frozen={s['frozen']}, step={s['step']})")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._inner.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the inner optimizer; its parameters are not tracked components."""
+        self._inner.add_param_group(param_group)
+        if "grades_cid" in self.param_groups[0]:  # construction finished: extend the bookkeeping
+            self._write_groups()
+
+    # -- public state ----------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps the wrapper really took (GradScaler-skipped and DCP dry steps excluded)."""
+        return self._step
+
+    @property
+    def grace_steps(self) -> int:
+        return self._cfg.grace_steps
+
+    @property
+    def should_stop(self) -> bool:
+        return should_stop(self._states, self.max_frozen_ratio)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set the planned number of steps (e.g. from a trainer) and re-derive the grace period."""
+        if not _is_int(total_steps) or total_steps < 1:
+            raise ValueError(f"Invalid total_steps: {total_steps!r}; expected an int >= 1")
+        self.total_steps = total_steps
+        self._cfg = dataclasses.replace(self._cfg, grace_steps=self._resolve_grace())
+
+    def summary(self) -> dict:
+        frozen = [c for c in self.components if c.frozen]
+        tracked = len(self.components)
+        return {
+            "tracked": tracked,
+            "frozen": len(frozen),
+            "frozen_ratio": len(frozen) / tracked if tracked else 0.0,
+            "frozen_numel": sum(c.numel for c in frozen),
+            "tracked_numel": sum(c.numel for c in self.components),
+            "step": self._step,
+            "released_state_bytes": self.released_state_bytes,
+            "freeze_mode": self.freeze_mode,
+            "should_stop": self.should_stop,
+        }
+
+    # -- the step --------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if "grades_cid" not in self.param_groups[0]:
+            self._write_groups()  # groups were replaced behind our back (inner.load_state_dict)
+        self._apply_freezes()
+        if self._is_dry_step():
+            # torch.distributed.checkpoint's state initialisation: zero grads, lr=0. Let the inner
+            # optimizer build its state, but it is not a training step and measures nothing.
+            self._masked_inner_step()
+            return loss
+        self._step += 1
+        check = self._step % self.check_interval == 0
+        live = self._live_tracked_with_grad() if check or self.metric == "grad_delta_l1" else []
+        values = None
+        if check and self.metric in ("grad_l1", "grad_l2"):
+            values = self._measure([p.grad for _, p in live], live)
+        elif check and self.metric == "grad_delta_l1":
+            values = self._measure_grad_delta(live)
+        before = [p.detach().clone() for _, p in live] if check and self.metric == "weight_delta_l1" else None
+        if before is not None and not live:
+            values = [None] * len(self.components)
+        self._masked_inner_step()
+        if before:
+            values = self._measure(torch._foreach_sub([p.detach() for _, p in live], before), live)
+        if self.metric == "grad_delta_l1":
+            self._keep_prev_grads(live)
+        if values is not None:
+            self._check(values)
+        for group in self.param_groups:
+            group["grades_step"] = self._step
+        return loss
+
+    def _live_tracked_with_grad(self):
+        """(component index, param) of every tracked, unfrozen parameter that has a gradient."""
+        out = []
+        for c, comp in enumerate(self.components):
+            if comp.frozen:
+                continue
+            for g, i in comp.positions:
+                p = self.param_groups[g]["params"][i]
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise ValueError(
+                            f"Sparse gradient for {comp.name}: GradES measures dense projection-matrix "
+                            "gradients; exclude this parameter from the components (matcher=/components=)")
+                    out.append((c, p))
+        return out
+
+    def _measure(self, tensors, live) -> list[Optional[float]]:
+        return mag.component_magnitudes(tensors, [c for c, _ in live], len(self.components),
+                                        mag.METRIC_ORD[self.metric], self.reduction, impl=self.impl)
+
+    def _measure_grad_delta(self, live):
+        have = [(c, p) for c, p in live if _PREV_GRAD in self.state.get(p, {})]
+        if not have:  # first check: no previous gradient yet, nothing is measured
+            return [None] * len(self.components)
+        deltas = torch._foreach_sub([p.grad for _, p in have], [self.state[p][_PREV_GRAD] for _, p in have])
+        return self._measure(deltas, have)
+
+    def _keep_prev_grads(self, live) -> None:
+        # Only the gradient of the step right before a check is needed.
+        keep = (self._step + 1) % self.check_interval == 0
+        has_grad = {id(p) for _, p in live}
+        for comp in self.components:
+            for g, i in comp.positions:
+                p = self.param_groups[g]["params"][i]
+                st = self.state.get(p)
+                if keep and id(p) in has_grad:
+                    self.state[p][_PREV_GRAD] = p.grad.detach().clone()
+                elif st and _PREV_GRAD in st:
+                    del st[_PREV_GRAD]
+
+    def _check(self, values: list[Optional[float]]) -> None:
+        results = decide_all(self._states, values, self._step, self._cfg)
+        newly = []
+        for c, (comp, (state, value, threshold)) in enumerate(zip(self.components, results)):
+            if comp.frozen:
+                continue
+            self._states[c] = state
+            if state.frozen_at is not None:
+                comp.frozen_at_step = state.frozen_at
+                newly.append(comp)
+            if self.record_history:
+                self.history.append(CheckRecord(self._step, comp.name, comp.kind, _nan(values[c]),
+                                                _nan(value), _nan(threshold), comp.frozen))
+        if newly:
+            for comp in newly:
+                self._freeze(comp)
+            s = self.summary()
+            logger.info("GradES step %d: froze %s (%d/%d frozen)", self._step,
+                        ", ".join(c.name for c in newly), s["frozen"], s["tracked"])
+        self._write_groups()
+
+    # -- freezing --------------------------------------------------------------------------
+    def _freeze(self, comp: Component) -> None:
+        for g, i in comp.positions:
+            p = self.param_groups[g]["params"][i]
+            self.released_state_bytes += _release_state(self.state, p)
+        self._apply_freezes([comp])
+
+    def _apply_freezes(self, comps=None) -> None:
+        # Re-asserted every step: PEFT set_adapter, Lightning's toggling and user code can flip
+        # requires_grad back on, and a stale compiled graph may still produce a gradient.
+        for comp in self.components if comps is None else comps:
+            if not comp.frozen:
+                continue
+            for g, i in comp.positions:
+                p = self.param_groups[g]["params"][i]
+                p.grad = None
+                if self.freeze_mode == "requires_grad" and p.requires_grad:
+                    p.requires_grad_(False)
+
+    def _masked_inner_step(self) -> None:
+        """Run the inner step with frozen parameters taken out of its groups.
+
+        Setting ``grad=None`` is enough for torch optimizers, but optimizers that treat a missing
+        gradient as zero would still decay or move a frozen matrix; hiding the parameter is the
+        one way that keeps it bit-identical under every inner optimizer.
+        """
+        saved = []
+        for g, group in enumerate(self.param_groups):
+            frozen = [i for i, c in enumerate(group["grades_cid"])
+                      if c >= 0 and self.components[c].frozen]
+            if frozen:
+                saved.append((group, group["params"]))
+                drop = set(frozen)
+                group["params"] = [p for i, p in enumerate(group["params"]) if i not in drop]
+        try:
+            self._inner.step()
+        finally:
+            for group, params in saved:
+                group["params"] = params
+
+    def _is_dry_step(self) -> bool:
+        groups = self.param_groups
+        for g in groups:
+            lr = g.get("lr")
+            # DCP's dry step uses lr=0.0 or a CPU tensor; reading a GPU lr would be a host sync.
+            if lr is None or (torch.is_tensor(lr) and lr.device.type != "cpu") or float(lr) != 0.0:
+                return False
+        grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+        return bool(grads) and all(float(n) == 0.0 for n in torch._foreach_norm(grads, 1))
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        self._write_groups()
+        sd = self._inner.state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, sd)
+            sd = sd if out is None else out
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a wrapper state dict (restores the freeze set) or a plain inner one (nothing frozen)."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            state_dict = state_dict if out is None else out
+        saved_groups = _check_state_dict(state_dict, self.param_groups)
+        has_grades = all(k in g for g in saved_groups for k in _KEYS)
+        if has_grades:
+            for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+                for key in ("grades_cid", "grades_numel"):
+                    if list(saved[key]) != list(group[key]):
+                        raise ValueError(
+                            f"state_dict is from a different parameter layout: param_groups[{g}]['{key}'] "
+                            f"is {_short(saved[key])}, this optimizer has {_short(group[key])}. Build the "
+                            "model, the inner optimizer and the GradES components exactly as for the saved run")
+        self._inner.load_state_dict(state_dict)
+        if has_grades:
+            self._read_groups()
+        else:
+            self._step, self._states = 0, [ComponentState() for _ in self.components]
+            for comp in self.components:
+                comp.frozen_at_step = None
+        for comp in self.components:
+            if comp.frozen:
+                for g, i in comp.positions:
+                    _release_state(self.state, self.param_groups[g]["params"][i])
+        self._write_groups()
+        self._apply_freezes()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _write_groups(self) -> None:
+        cid = {pos: c for c, comp in enumerate(self.components) for pos in comp.positions}
+        for g, group in enumerate(self.param_groups):
+            ids = [cid.get((g, i), -1) for i in range(len(group["params"]))]
+            group["grades_step"] = self._step
+            group["grades_cid"] = ids
+            group["grades_numel"] = [int(p.numel()) for p in group["params"]]
+            group["grades_state"] = [list(dataclasses.astuple(self._states[c])) if c >= 0 else None
+                                     for c in ids]
+
+    def _read_groups(self) -> None:
+        self._step = int(self.param_groups[0]["grades_step"])
+        for c, comp in enumerate(self.components):
+            g, i = comp.positions[0]
+            raw = self.param_groups[g]["grades_state"][i]
+            self._states[c] = ComponentState(*raw)
+            comp.frozen_at_step = self._states[c].frozen_at
+
+    def _resolve_grace(self) -> int:
+        if self.alpha > 0:
+            if self.total_steps is None:
+                raise ValueError(f"Invalid alpha: {self.alpha} needs total_steps (the grace period is "
+                                 "alpha × total_steps); pass total_steps= or use grace_steps= instead")
+            return int(self.alpha * self.total_steps)
+        return self._grace_steps_arg
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _release_state(state, p: torch.Tensor) -> int:
+    """Drop a frozen parameter's big state tensors, keep scalars such as ``step``; bytes freed."""
+    st = state.get(p)
+    if not st:
+        return 0
+    freed = 0
+    for key in [k for k, v in st.items() if torch.is_tensor(v) and v.numel() > 1]:
+        freed += st[key].numel() * st[key].element_size()
+        del st[key]
+    if not st:
+        del state[p]
+    return freed
+
+
+def _short(seq) -> str:
+    seq = list(seq)
+    return str(seq) if len(seq) <= 8 else f"{seq[:8]}... ({len(seq)} entries)"
+
+
+def _check_state_dict(state_dict, groups) -> list:
+    if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
+        raise ValueError("Invalid state_dict: expected an optimizer state dict with 'state' and "
+                         f"'param_groups', got {type(state_dict).__name__}")
+    saved = state_dict["param_groups"]
+    if len(saved) != len(groups):
+        raise ValueError(f"state_dict has {len(saved)} param groups, this optimizer has {len(groups)}")
+    for g, (s, group) in enumerate(zip(saved, groups)):
+        if len(s["params"]) != len(group["params"]):
+            raise ValueError(f"state_dict param_groups[{g}] has {len(s['params'])} params, this "
+                             f"optimizer's has {len(group['params'])}: a different parameter layout")
+    return saved
+
+
+def _validate_inner(optimizer) -> None:
+    if isinstance(optimizer, GradESOptimizer):
+        raise TypeError("Invalid optimizer: it is already a GradESOptimizer; wrap the inner optimizer once")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"Invalid optimizer: expected a torch.optim.Optimizer instance, got "
+                        f"{type(optimizer).__name__}; build it first, e.g. torch.optim.AdamW(model.parameters())")
+    if hasattr(optimizer, "gradient_state"):
+        raise TypeError("Invalid optimizer: it is accelerate's AcceleratedOptimizer. Wrap the plain optimizer "
+                        "with GradESOptimizer first, then pass the wrapper to accelerator.prepare")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise TypeError("Invalid optimizer: LBFGS re-evaluates the closure several times per step; GradES "
+                        "measures one gradient per step and does not support it")
+
+
+def _validate(*, tau, alpha, total_steps, grace_steps, check_interval, metric, reduction, patience,
+              ema, tau_mode, max_frozen_ratio, freeze_mode, impl) -> None:
+    def real(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not real(tau) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"Invalid tau: {tau!r}; expected a finite number > 0")
+    if not real(alpha) or not 0.0 <= alpha < 1.0:
+        raise ValueError(f"Invalid alpha: {alpha!r}; expected a fraction of total_steps in [0, 1)")
+    if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
+        raise ValueError(f"Invalid total_steps: {total_steps!r}; expected an int >= 1 or None")
+    if alpha > 0 and total_steps is None:
+        raise ValueError(f"Invalid alpha: {alpha} needs total_steps (the grace period is alpha × "
+                         "total_steps); pass total_steps= or use grace_steps= instead")
+    if not _is_int(grace_steps) or grace_steps < 0:
+        raise ValueError(f"Invalid grace_steps: {grace_steps!r}; expected an int >= 0")
+    if alpha > 0 and grace_steps > 0:
+        raise ValueError(f"Invalid grace_steps: {grace_steps} together with alpha={alpha}; give one of them")
+    if not _is_int(check_interval) or check_interval < 1:
+        raise ValueError(f"Invalid check_interval: {check_interval!r}; expected an int >= 1")
+    if not _is_int(patience) or patience < 1:
+        raise ValueError(f"Invalid patience: {patience!r}; expected an int >= 1 (1 = the paper's rule)")
+    if not real(ema) or not 0.0 <= ema < 1.0:
+        raise ValueError(f"Invalid ema: {ema!r}; expected a smoothing factor in [0, 1) (0 disables)")
+    if not real(max_frozen_ratio) or not 0.0 < max_frozen_ratio <= 1.0:
+        raise ValueError(f"Invalid max_frozen_ratio: {max_frozen_ratio!r}; expected a fraction in (0, 1]")
+    for name, value, allowed in (("metric", metric, mag.METRICS), ("reduction", reduction, mag.REDUCTIONS),
+                                 ("tau_mode", tau_mode, TAU_MODES), ("freeze_mode", freeze_mode, FREEZE_MODES),
+                                 ("impl", impl, mag.IMPLS)):
+        if value not in allowed:
+            raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, allowed))}")
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl == "torch":
+        return "torch"
+    try:
+        from grades_optim import kernels
+    except ImportError as exc:  # pragma: no cover - the package always ships kernels/
+        if impl == "triton":
+            raise ValueError(f"Invalid impl: 'triton' is unavailable ({exc})") from exc
+        return "torch"
+    available = getattr(kernels, "available", None)
+    reason = available() if callable(available) else "the Triton kernels are not built yet"
+    if impl == "triton" and reason is not None:
+        raise ValueError(f"Invalid impl: 'triton' is unavailable: {reason}; use impl='torch'")
+    return "triton" if reason is None else "torch"
+
+
+def _resolve_freeze_mode(freeze_mode: str, model) -> tuple[str, str]:
+    if freeze_mode != "auto":
+        return freeze_mode, "chosen by the user"
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if isinstance(model, ddp):
+        if model.find_unused_parameters and not getattr(model, "static_graph", False):
+            return "requires_grad", "DDP with find_unused_parameters=True tolerates requires_grad changes"
+        return "skip", ("DDP without find_unused_parameters=True (or with static_graph) breaks when "
+                        "requires_grad changes; frozen matrices are skipped but still get gradients")
+    return "requires_grad", "no DDP model detected: requires_grad=False also skips the weight-gradient GEMM"
+
+
+def _specs(model, components, matcher) -> list[ComponentSpec]:
+    if components is not None:
+        if matcher is not None:
+            raise ValueError("Invalid matcher: give either components= or matcher=, not both")
+        return components_from_mapping(components, model=model)
+    if model is None:
+        raise ValueError("GradESOptimizer needs model= (to discover projection matrices) or components= "
+                         "(an explicit {name: parameters} mapping)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
+    return discover_components(model, matcher)
+
+
+def _resolve(specs: list[ComponentSpec], optimizer) -> list[Component]:
+    """Pin each component to (group, index) positions in the inner optimizer."""
+    where = {id(p): (g, i) for g, group in enumerate(optimizer.param_groups)
+             for i, p in enumerate(group["params"])}
+    owner: dict[int, str] = {}
+    out, missing = [], []
+    for spec in specs:
+        names, positions, numel = [], [], 0
+        for pname, p in spec.params:
+            if id(p) in owner:
+                raise ValueError(f"Invalid components: parameter {pname} is in both {owner[id(p)]} and {spec.name}")
+            owner[id(p)] = spec.name
+            if id(p) not in where:
+                if p.requires_grad:
+                    missing.append(pname)
+                continue  # e.g. an inactive LoRA adapter the optimizer was not built over
+            names.append(pname)
+            positions.append(where[id(p)])
+            numel += p.numel()
+        if positions:
+            out.append(Component(spec.name, spec.kind, numel, tuple(names), tuple(positions)))
+    if missing:
+        raise ValueError(f"Invalid components: the optimizer does not hold {len(missing)} trainable "
+                         f"parameter(s) of the components, e.g. {', '.join(missing[:3])}. Build the "
+                         "inner optimizer over model.parameters() (or the same parameters)")
+    if not out:
+        raise ValueError("Invalid components: none of the components' parameters is held by the optimizer")
+    return out

@@ -1,0 +1,102 @@
+"""The GradES freeze rule as pure, side-effect-free code (DESIGN §3).
+
+Per component ``c`` and check at GradES step ``t`` (optimizer steps the wrapper really took):
+
+* ``m_c`` is the measured metric (``None``/NaN/Inf mean "no usable reading");
+* with ``ema = β > 0`` the compared value is ``s_t = β·s_{t-1} + (1-β)·m_t`` (first reading seeds
+  ``s``), else ``s_t = m_t`` (the paper);
+* the threshold is ``τ`` (``tau_mode="absolute"``, the paper) or ``τ·r_c`` (``"relative"``), where
+  ``r_c`` is the mean of ``s`` over the component's grace-period checks (or its first reading when
+  there was none): "freeze once the magnitude fell to a fraction τ of where it started";
+* nothing freezes while ``t <= grace_steps``;
+* after ``patience`` consecutive checks with ``s_t < threshold`` the component freezes at ``t``;
+  a reading that is not finite breaks the streak and never counts as converged;
+* frozen is final (GradES never unfreezes).
+
+The released GradES code froze on a first reading of 0.0 and on exceptions; here a missing reading
+is ``None`` and can only delay a freeze.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+__all__ = ["RuleConfig", "ComponentState", "decide", "decide_all", "should_stop", "TAU_MODES"]
+
+TAU_MODES = ("absolute", "relative")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleConfig:
+    tau: float
+    grace_steps: int = 0
+    patience: int = 1
+    ema: float = 0.0
+    tau_mode: str = "absolute"
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentState:
+    """Everything the rule remembers about one component, as plain numbers (checkpoint-safe)."""
+
+    frozen_at: Optional[int] = None
+    below: int = 0  # consecutive checks under the threshold
+    smoothed: Optional[float] = None  # EMA state; None until a finite reading arrived
+    ref_sum: float = 0.0  # relative mode: sum and count of grace-period readings
+    ref_count: int = 0
+    ref_first: Optional[float] = None  # first post-grace reading, used when grace had none
+
+
+def _finite(x: Optional[float]) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def threshold_for(state: ComponentState, cfg: RuleConfig) -> Optional[float]:
+    """The threshold this component is compared with now, or None if not known yet."""
+    if cfg.tau_mode == "absolute":
+        return cfg.tau
+    if state.ref_count > 0:
+        return cfg.tau * (state.ref_sum / state.ref_count)
+    if state.ref_first is not None:
+        return cfg.tau * state.ref_first
+    return None
+
+
+def decide(state: ComponentState, metric: Optional[float], step: int, cfg: RuleConfig):
+    """One check of one component. Returns ``(new_state, compared_value, threshold)``."""
+    if state.frozen_at is not None:
+        return state, None, threshold_for(state, cfg)
+    if not _finite(metric):
+        return dataclasses.replace(state, below=0), None, threshold_for(state, cfg)
+    value = metric if cfg.ema <= 0 or state.smoothed is None else (
+        cfg.ema * state.smoothed + (1.0 - cfg.ema) * metric)
+    state = dataclasses.replace(state, smoothed=value)
+    if step <= cfg.grace_steps:
+        return (dataclasses.replace(state, below=0, ref_sum=state.ref_sum + value,
+                                    ref_count=state.ref_count + 1), value, threshold_for(state, cfg))
+    threshold = threshold_for(state, cfg)
+    if threshold is None:
+        # relative mode with no grace reading: this first reading becomes the reference; a value
+        # is never "below a fraction of itself" for tau <= 1, so it cannot freeze here.
+        state = dataclasses.replace(state, ref_first=value, below=0)
+        return state, value, threshold_for(state, cfg)
+    below = state.below + 1 if value < threshold else 0
+    frozen_at = step if below >= cfg.patience else None
+    return dataclasses.replace(state, below=below, frozen_at=frozen_at), value, threshold
+
+
+def decide_all(states: Sequence[ComponentState], metrics: Sequence[Optional[float]], step: int,
+               cfg: RuleConfig):
+    """Apply :func:`decide` to every component; each decision depends only on its own inputs."""
+    if len(states) != len(metrics):
+        raise ValueError(f"got {len(metrics)} metrics for {len(states)} components")
+    return [decide(s, m, step, cfg) for s, m in zip(states, metrics)]
+
+
+def should_stop(states: Sequence[ComponentState], max_frozen_ratio: float) -> bool:
+    """GradES early stop: the frozen fraction of tracked components reached ``max_frozen_ratio``."""
+    if not states:
+        return False
+    frozen = sum(s.frozen_at is not None for s in states)
+    return frozen / len(states) >= max_frozen_ratio

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny Llama-shaped model built by hand (no transformers needed)."""
+import torch
+from torch import nn
+
+import pytest
+
+
+class Attention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj = nn.Linear(d, d, bias=True)  # Qwen2-style q bias: biases follow their matrix
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        a = torch.softmax(self.q_proj(x) @ self.k_proj(x).transpose(-1, -2) / x.shape[-1] ** 0.5, -1)
+        return self.o_proj(a @ self.v_proj(x))
+
+
+class MLP(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, 2 * d, bias=False)
+        self.up_proj = nn.Linear(d, 2 * d, bias=False)
+        self.down_proj = nn.Linear(2 * d, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(d)
+        self.self_attn = Attention(d)
+        self.mlp = MLP(d)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(x)
+
+
+class TinyLM(nn.Module):
+    """Names follow HF Llama (``model.layers.N.self_attn.q_proj``) so default discovery applies."""
+
+    def __init__(self, vocab=32, d=8, n_layers=2):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(vocab, d)
+        self.model.layers = nn.ModuleList(Block(d) for _ in range(n_layers))
+        self.model.norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            x = layer(x)
+        return self.lm_head(self.model.norm(x))
+
+    def loss(self, ids):
+        logits = self(ids[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def make_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return TinyLM(**kw)
+
+
+@pytest.fixture
+def tiny_model():
+    return make_model()
+
+
+def batch(seed, vocab=32, n=4, t=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, t), generator=g)
