@@ -1,0 +1,86 @@
+"""The seam the core calls: per-tensor sums by the Triton kernels or by their torch twins.
+
+``impl="auto"`` takes the Triton path only for CUDA tensors of supported dtypes when
+``available(device)`` says yes, so a ``TRITON_INTERPRET=1`` left set in a process never routes
+CPU work through the (slow) interpreter by accident; ``impl="triton"`` forces it (CPU tensors then
+need the interpreter) and raises ``ValueError`` when it cannot run; ``impl="torch"`` never
+imports triton. Both paths return one fp32 value per tensor on the tensors' device.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import available
+
+__all__ = ["IMPLS", "resolve_impl", "tensor_sums", "tensor_delta_sums",
+           "torch_tensor_sums", "torch_tensor_delta_sums"]
+
+IMPLS = ("auto", "torch", "triton")
+# Mirrors tensor_sums.SUPPORTED_DTYPES without importing triton.
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # FSDP2 DTensor shards: sum locally; the cross-rank all-reduce belongs to the distributed layer.
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def resolve_impl(impl: str, tensors: Sequence[torch.Tensor]) -> str:
+    """``"triton"`` or ``"torch"`` for this call; raises ``ValueError`` for an impossible ``"triton"``."""
+    if impl not in IMPLS:
+        raise ValueError(f"Invalid impl: {impl!r}; expected one of {', '.join(map(repr, IMPLS))}")
+    if impl == "torch" or not tensors:
+        return "torch"
+    device = tensors[0].device
+    reason = available(device)
+    if impl == "triton":
+        if reason is not None:
+            raise ValueError(f"Invalid impl: 'triton' cannot run on {device} tensors: {reason}")
+        return "triton"
+    dense = all(t.layout == torch.strided and t.dtype in _TRITON_DTYPES for t in tensors)
+    return "triton" if reason is None and device.type == "cuda" and dense else "torch"
+
+
+def torch_tensor_sums(tensors: Sequence[torch.Tensor], ord: int) -> torch.Tensor:
+    """Torch twin of ``tensor_sums.tensor_sums``: one ``_foreach_norm`` with fp32 output."""
+    if ord not in (1, 2):
+        raise ValueError(f"Invalid ord: {ord!r}; expected 1 or 2")
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float32)
+    sums = torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+    return sums if ord == 1 else sums * sums
+
+
+def torch_tensor_delta_sums(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], ord: int = 1) -> torch.Tensor:
+    """Torch twin of ``tensor_sums.tensor_delta_sums``: the difference is taken in fp32, like the kernel."""
+    if len(a) != len(b):
+        raise ValueError(f"a has {len(a)} tensors but b has {len(b)}; they pair up by position")
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.numel() != y.numel():
+            raise ValueError(f"b[{i}] has {y.numel()} elements but a[{i}] has {x.numel()}")
+    diffs = [x.float().reshape(-1) - y.float().reshape(-1) for x, y in zip(a, b)]
+    return torch_tensor_sums(diffs, ord)
+
+
+def tensor_sums(tensors: Sequence[torch.Tensor], ord: int, *, impl: str = "auto") -> torch.Tensor:
+    """Σ|x| (``ord=1``) or Σx² (``ord=2``) of every tensor: fp32, ``[len(tensors)]``, on their device."""
+    tensors = [_local(t) for t in tensors]
+    if resolve_impl(impl, tensors) == "torch":
+        return torch_tensor_sums(tensors, ord)
+    from . import tensor_sums as kernel  # lazy: imports triton
+
+    return kernel.tensor_sums(tensors, ord)
+
+
+def tensor_delta_sums(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], ord: int = 1, *,
+                      impl: str = "auto") -> torch.Tensor:
+    """Σ|a_t − b_t| (``ord=1``) or Σ(a_t − b_t)² (``ord=2``) per pair, fp32, e.g. ‖g − g_prev‖₁."""
+    a = [_local(t) for t in a]
+    b = [_local(t) for t in b]
+    if resolve_impl(impl, a + b) == "torch":
+        return torch_tensor_delta_sums(a, b, ord)
+    from . import tensor_sums as kernel  # lazy: imports triton
+
+    return kernel.tensor_delta_sums(a, b, ord)

@@ -1,0 +1,267 @@
+"""Triton reduction kernels against a float64 reference, on CPU under ``TRITON_INTERPRET=1``.
+
+triton decides interpreted-or-compiled when ``@triton.jit`` decorates — its own standard library
+when triton is imported, our kernels when their module is — so the variable is set before either
+import and must stay set: restoring it breaks triton's lazy imports at the first launch
+(``gluon._import_from_triton`` asserts interpreter mode for interpreted functions). It therefore
+holds for the rest of the pytest process. That is harmless to other modules by design:
+``dispatch``'s ``impl="auto"`` sends only CUDA tensors to Triton, never CPU tensors to the
+interpreter. (A ``conftest.py`` setting it session-wide would make the order of imports moot.)
+
+triton missing is a *failure* of every test here, not a skip: CI installs it, and a silently
+skipped kernel suite is how kernels rot. The GPU test runs the compiled kernels in a subprocess
+(this process's kernels are interpreted and cannot follow CUDA addresses) and skips without CUDA;
+``test_fixed_cases_cpu`` runs the same checks here.
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+_COMPILED = os.environ.get("GRADES_KERNELS_COMPILED") == "1"  # set by the GPU subprocess only
+if not _COMPILED:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import triton  # noqa: F401
+    from grades_optim.kernels import tensor_sums as K
+    _IMPORT_ERROR = None
+except ImportError as exc:
+    K = None
+    _IMPORT_ERROR = exc
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from grades_optim import kernels
+from grades_optim.kernels import dispatch
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Inputs are upcast exactly (bf16/fp16 → fp32 is lossless) and never rounded back down, so the
+# interpreter's fp32→bf16 truncation does not arise; the only error is fp32 accumulation over
+# ≤ a few thousand terms against a float64 reference.
+RTOL, ATOL = 1e-5, 1e-5
+CASE_SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True)
+def _require_triton():
+    if _IMPORT_ERROR is not None:
+        pytest.fail(f"triton is required for the kernel tests (CI installs it): {_IMPORT_ERROR}")
+    if not _COMPILED and not K.INTERPRETED:
+        pytest.fail("grades_optim.kernels.tensor_sums was imported before this module set TRITON_INTERPRET=1")
+
+
+def _ref_sums(tensors, ord):
+    out = [t.double().abs().sum() if ord == 1 else t.double().square().sum() for t in tensors]
+    return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def _ref_delta_sums(a, b, ord):
+    return _ref_sums([x.double().reshape(-1) - y.double().reshape(-1) for x, y in zip(a, b)], ord)
+
+
+def _close(got, want):
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=RTOL, atol=ATOL)
+
+
+def _make(numel, dtype, layout, scale, gen, device="cpu"):
+    """A tensor of ``numel`` elements laid out as drawn: contiguous, transposed, strided or misaligned."""
+    if layout == "transposed" and numel > 1:
+        rows = next(r for r in (7, 5, 3, 2, 1) if numel % r == 0)
+        base = torch.randn(numel // rows, rows, generator=gen) * scale
+        t = base.to(dtype).t()
+    elif layout == "strided":
+        t = (torch.randn(2 * numel, generator=gen) * scale).to(dtype)[::2]
+    elif layout == "offset":  # contiguous but its address is one element past 16-byte alignment
+        t = (torch.randn(numel + 1, generator=gen) * scale).to(dtype)[1:]
+    else:
+        t = (torch.randn(numel, generator=gen) * scale).to(dtype)
+    return t.to(device)
+
+
+tensor_spec = st.tuples(
+    st.one_of(st.integers(0, 2), st.integers(0, 700)),  # numel: often empty / 1 element
+    st.sampled_from(DTYPES),
+    st.sampled_from(["contiguous", "contiguous", "transposed", "strided", "offset"]),
+    st.sampled_from([1e-3, 1.0, 30.0]),
+)
+
+
+@CASE_SETTINGS
+@given(specs=st.lists(tensor_spec, max_size=6), ord=st.sampled_from([1, 2]),
+       chunk=st.sampled_from([16, 64, 256]), seed=st.integers(0, 2**31 - 1))
+def test_tensor_sums_match_float64(specs, ord, chunk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [_make(n, dt, lay, sc, gen) for n, dt, lay, sc in specs]
+    got = K.tensor_sums(tensors, ord, chunk_size=chunk)
+    _close(got, _ref_sums(tensors, ord))
+    _close(dispatch.torch_tensor_sums(tensors, ord), _ref_sums(tensors, ord))  # the twin agrees too
+
+
+@CASE_SETTINGS
+@given(specs=st.lists(st.tuples(tensor_spec, st.sampled_from(DTYPES)), max_size=5), ord=st.sampled_from([1, 2]),
+       chunk=st.sampled_from([16, 128]), seed=st.integers(0, 2**31 - 1))
+def test_tensor_delta_sums_match_float64(specs, ord, chunk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = [_make(n, dt, lay, sc, gen) for (n, dt, lay, sc), _ in specs]
+    # b: same numel, its own dtype (bf16 gradients against an fp32 copy), a near-copy of a so the
+    # difference is small next to |a|, which is where a bf16 subtraction would lose it.
+    b = [(x.double() + 1e-2 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).to(dt_b)
+         for x, (_, dt_b) in zip(a, specs)]
+    got = K.tensor_delta_sums(a, b, ord, chunk_size=chunk)
+    _close(got, _ref_delta_sums(a, b, ord))
+    _close(dispatch.torch_tensor_delta_sums(a, b, ord), _ref_delta_sums(a, b, ord))
+
+
+def test_many_tensors_and_multi_chunk_tensors():
+    gen = torch.Generator().manual_seed(0)
+    tensors = [_make(n, DTYPES[n % 3], "contiguous", 1.0, gen) for n in range(0, 300, 3)]  # 100 tensors
+    tensors.append(_make(5000, torch.bfloat16, "contiguous", 1.0, gen))  # 79 chunks of 64
+    for ord in (1, 2):
+        _close(K.tensor_sums(tensors, ord, chunk_size=64), _ref_sums(tensors, ord))
+
+
+def test_empty_inputs():
+    assert K.tensor_sums([], 1).shape == (0,)
+    assert K.tensor_delta_sums([], [], 1).shape == (0,)
+    got = K.tensor_sums([torch.empty(0), torch.empty(0, 3, dtype=torch.bfloat16)], 2)
+    assert torch.equal(got, torch.zeros(2))
+
+
+def test_deterministic_and_table_cached():
+    gen = torch.Generator().manual_seed(1)
+    tensors = [_make(n, torch.bfloat16, "contiguous", 1.0, gen) for n in (1000, 37, 513)]
+    K._plans.clear()
+    first = K.tensor_sums(tensors, 1, chunk_size=64)
+    plan = next(iter(K._plans.values()))
+    second = K.tensor_sums(tensors, 1, chunk_size=64)
+    assert torch.equal(first, second)  # bitwise: no atomics, fixed summation order
+    assert len(K._plans) == 1 and next(iter(K._plans.values())) is plan
+    K.tensor_sums([t.t() if t.dim() > 1 else t[::2] for t in tensors], 1, chunk_size=64)
+    assert len(K._plans) == 1, "copies of non-contiguous inputs die with the call: their tables are not cached"
+
+
+def test_invalid_arguments_raise():
+    x = torch.ones(4)
+    with pytest.raises(ValueError, match="ord"):
+        K.tensor_sums([x], 3)
+    with pytest.raises(TypeError, match=r"tensors\[1\]"):
+        K.tensor_sums([x, 1.0], 1)
+    with pytest.raises(TypeError, match="tensors must be a sequence"):
+        K.tensor_sums(x, 1)
+    with pytest.raises(TypeError, match="float64"):
+        K.tensor_sums([x.double()], 1)
+    with pytest.raises(TypeError, match="layout"):
+        K.tensor_sums([x.to_sparse()], 1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        K.tensor_sums([x], 1, chunk_size=100)
+    with pytest.raises(ValueError, match=r"tensors\[1\] is on meta"):
+        K.tensor_sums([x, torch.ones(4, device="meta")], 1)
+    with pytest.raises(ValueError, match=r"b\[0\] has 3 elements"):
+        K.tensor_delta_sums([x], [torch.ones(3)], 1)
+    with pytest.raises(ValueError, match="b has 0"):
+        K.tensor_delta_sums([x], [], 1)
+    with pytest.raises(ValueError, match="impl"):
+        dispatch.tensor_sums([x], 1, impl="cuda")
+
+
+def test_available_and_dispatch_on_cpu():
+    assert kernels.available() is None
+    assert kernels.available("cpu") is None  # the interpreter runs CPU tensors
+    assert "interpret" in kernels.available("cuda").lower() or "CUDA" in kernels.available("cuda")
+    assert isinstance(kernels.available("meta"), str)
+    xs = [torch.randn(50), torch.randn(9, dtype=torch.bfloat16)]
+    # auto never sends CPU tensors to the interpreter; triton forces it; both agree.
+    assert dispatch.resolve_impl("auto", xs) == "torch"
+    assert dispatch.resolve_impl("triton", xs) == "triton"
+    assert dispatch.resolve_impl("torch", []) == "torch"
+    for ord in (1, 2):
+        want = _ref_sums(xs, ord)
+        for impl in ("auto", "torch", "triton"):
+            _close(dispatch.tensor_sums(xs, ord, impl=impl), want)
+    ys = [x + 1 for x in xs]
+    for impl in ("auto", "triton"):
+        _close(dispatch.tensor_delta_sums(xs, ys, 1, impl=impl), _ref_delta_sums(xs, ys, 1))
+
+
+def _fixed_case_check(device):
+    """Shared by the CPU test (interpreted) and the GPU test (compiled, in a subprocess)."""
+    gen = torch.Generator().manual_seed(2)
+    specs = [(0, torch.float32), (1, torch.bfloat16), (4096 * 3, torch.bfloat16), (4096 * 8 + 17, torch.float16),
+             (1000, torch.float32), (2 * 32768 + 5, torch.bfloat16)]
+    if device == "cpu":  # the interpreter is slow: same shapes of cases, a smaller chunk
+        chunk, specs = 256, [(n if n < 2 else n // 64 + 3, dt) for n, dt in specs]
+    else:
+        chunk = K.DEFAULT_CHUNK_SIZE
+    tensors = [_make(n, dt, "contiguous", 1.0, gen, device) for n, dt in specs]
+    prev = [t + 0.5 for t in tensors]
+    for ord in (1, 2):
+        _close(K.tensor_sums(tensors, ord, chunk_size=chunk), _ref_sums(tensors, ord))
+    _close(K.tensor_delta_sums(tensors, prev, 1, chunk_size=chunk), _ref_delta_sums(tensors, prev, 1))
+    if device == "cuda":
+        # Steady state, table cached: no host sync at all (DESIGN §5).
+        K.tensor_sums(tensors, 1, chunk_size=chunk)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = K.tensor_sums(tensors, 1, chunk_size=chunk)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        _close(out, _ref_sums(tensors, 1))
+
+
+def test_fixed_cases_cpu():
+    _fixed_case_check("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; test_fixed_cases_cpu is the CPU twin")
+def test_fixed_cases_cuda_compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["GRADES_KERNELS_COMPILED"] = "1"
+    code = ("import importlib.util, sys; "
+            f"spec = importlib.util.spec_from_file_location('tk', {str(pathlib.Path(__file__))!r}); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "assert not m.K.INTERPRETED; m._fixed_case_check('cuda')")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+_SM90_SCRIPT = """
+import re
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from grades_optim.kernels import tensor_sums as K
+assert not K.INTERPRETED
+target = GPUTarget("cuda", 90, 32)
+sig = dict.fromkeys(["a_addr_ptr", "b_addr_ptr", "numel_ptr", "block_tensor_ptr", "block_chunk_ptr"], "*i64")
+sig.update(partials_ptr="*fp32", block_base="i64")
+sig.update(dict.fromkeys(["A_DTYPE", "B_DTYPE", "HAS_B", "ORD", "CHUNK", "BLOCK", "ALIGNED"], "constexpr"))
+attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
+for a_dt, b_dt, has_b, ord in [(tl.bfloat16, tl.bfloat16, False, 1), (tl.float32, tl.bfloat16, True, 2),
+                               (tl.float16, tl.float16, False, 2)]:
+    for aligned in (True, False):
+        const = dict(A_DTYPE=a_dt, B_DTYPE=b_dt, HAS_B=has_b, ORD=ord, CHUNK=K.DEFAULT_CHUNK_SIZE,
+                     BLOCK=K._MAX_BLOCK, ALIGNED=aligned)
+        ptx = compile(ASTSource(K._tensor_sums_kernel, sig, const, attrs=attrs), target=target,
+                      options={"num_warps": K._NUM_WARPS}).asm["ptx"]
+        # 16-byte loads on the unmasked tiles are what lets one launch reach copy bandwidth.
+        assert ("ld.global.v4.b32" in ptx) == aligned, (a_dt, b_dt, aligned, set(re.findall(r"ld\\.global\\S*", ptx)))
+sig = {"partials_ptr": "*fp32", "block_start_ptr": "*i64", "block_count_ptr": "*i64", "out_ptr": "*fp32",
+       "RBLOCK": "constexpr"}
+compile(ASTSource(K._tensor_sums_finish_kernel, sig, {"RBLOCK": K._FINISH_BLOCK}), target=target)
+"""
+
+
+def test_compiles_for_sm90_with_vector_loads():
+    """The GPU build, checked without a GPU: triton's offline compiler targets sm_90 from the CPU.
+
+    Runs in a subprocess because this process's triton is in interpreter mode.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences triton 3.9's default-change warning
+    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
