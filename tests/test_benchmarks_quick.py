@@ -1,0 +1,30 @@
+"""Smoke runs of the benchmark scripts' ``--quick`` mode, so they do not rot between GPU runs."""
+import csv
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run_quick(script: str, out: pathlib.Path) -> subprocess.CompletedProcess:
+    # The script picks its own mode (interpreter on CPU, compiled on CUDA); a TRITON_INTERPRET
+    # left in this process by tests/test_kernels.py must not decide for it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--reps", "2",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_bench_tensor_sums_quick(tmp_path):
+    proc = _run_quick("bench_tensor_sums.py", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with (tmp_path / "bench_tensor_sums_quick.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    providers = {r["provider"] for r in rows if r["kernel_name"] == "tensor_sums_l1"}
+    # triton is a CI dependency: its provider must have run (and passed its correctness gate).
+    assert {"loop", "foreach", "triton-4096"} <= providers, providers
+    assert {r["model_set"] for r in rows} >= {"qwen3-0.6b", "qwen2.5-1.5b", "llama3.1-8b"}
+    assert all(float(r["y_50"]) > 0 for r in rows)
+    md = (tmp_path / "bench_tensor_sums_quick.md").read_text()
+    assert "torch " in md and "| set |" in md
