@@ -2,7 +2,7 @@
 import pathlib
 import re
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = pathlib.Path(__file__).parent
 VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "grades_optim" / "__init__.py").read_text(), re.M).group(1)
@@ -17,12 +17,7 @@ setup(
     python_requires=">=3.10",
     # `kernels/` ships as `grades_optim.kernels`: a PyPI package named `kernels` exists and
     # transformers imports it when present, so a top-level `kernels` would collide (DESIGN §2).
-    packages=[
-        "grades_optim",
-        "grades_optim.integrations",
-        "grades_optim.finetune",
-        "grades_optim.kernels",
-    ],
+    packages=find_packages(include=["grades_optim", "grades_optim.*"]) + ["grades_optim.kernels"],
     package_dir={"grades_optim.kernels": "kernels"},
     install_requires=["torch>=2.6"],
     extras_require={
