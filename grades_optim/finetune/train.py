@@ -1,0 +1,202 @@
+"""Training loop of the fine-tuning job: one function per stopping rule over a shared loop.
+
+* ``full``: the whole schedule.
+* ``classic-es``: validation loss every ``es_every`` steps; stop after ``es_patience`` checks without
+  improvement and restore the best weights (the paper's "+ES"). Validation time is counted.
+* ``grades``: :class:`grades_optim.GradESOptimizer` around the same AdamW; stops when every
+  projection matrix is frozen. No validation.
+
+``wall_seconds`` is the training time of the method: batches, forward/backward, optimizer and
+scheduler steps, and for classic-es its validation passes and best-weight copies. Accuracy probes
+(``probe_every``, for the accuracy-vs-time plot) and the final test pass run with the clock paused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Optional
+
+import torch
+
+from .config import FinetuneConfig
+
+__all__ = ["MethodResult", "Batches", "train_method", "evaluate"]
+
+logger = logging.getLogger("grades_optim.finetune")
+
+
+@dataclasses.dataclass
+class MethodResult:
+    method: str
+    test_accuracy: float
+    test_loss: float
+    wall_seconds: float
+    steps: int
+    planned_steps: int
+    stop_reason: str
+    frozen_ratio: float = 0.0
+    val_seconds: float = 0.0
+    curve: list = dataclasses.field(default_factory=list)  # [wall_s, step, val_accuracy, val_loss]
+    train_loss: list = dataclasses.field(default_factory=list)  # one per step
+    components: list = dataclasses.field(default_factory=list)
+    summary: dict = dataclasses.field(default_factory=dict)
+    history: list = dataclasses.field(default_factory=list)
+
+
+class Batches:
+    """Pre-tokenised examples with dynamic padding; the batch order depends only on the seed."""
+
+    def __init__(self, tokenizer, examples, max_length: int):
+        enc = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length)
+        self.ids = enc["input_ids"]
+        self.type_ids = enc.get("token_type_ids")
+        self.labels = torch.tensor([ex.label for ex in examples])
+        self.pad = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, index) -> dict:
+        rows = [self.ids[i] for i in index]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            ids[k, :len(r)] = torch.tensor(r)
+            mask[k, :len(r)] = 1
+        out = {"input_ids": ids, "attention_mask": mask, "labels": self.labels[list(index)]}
+        if self.type_ids is not None:
+            out["token_type_ids"] = torch.zeros_like(ids)
+        return out
+
+    def order(self, steps: int, batch_size: int, seed: int) -> list:
+        """Indices of each training batch: seeded reshuffles every epoch, partial batches dropped."""
+        gen = torch.Generator().manual_seed(seed)
+        out, per_epoch = [], len(self) // batch_size
+        while len(out) < steps:
+            perm = torch.randperm(len(self), generator=gen).tolist()
+            out += [perm[b * batch_size:(b + 1) * batch_size] for b in range(per_epoch)]
+        return out[:steps]
+
+
+@torch.no_grad()
+def evaluate(model, data: Batches, batch_size: int) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over ``data``."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(data), batch_size):
+        b = data.batch(range(start, min(start + batch_size, len(data))))
+        out = model(**b)
+        loss_sum += float(out.loss) * len(b["labels"])
+        correct += int((out.logits.argmax(-1) == b["labels"]).sum())
+    model.train(was_training)
+    return correct / len(data), loss_sum / len(data)
+
+
+def planned_steps(cfg: FinetuneConfig, n_train: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_epoch = n_train // cfg.batch_size
+    if per_epoch < 1:
+        raise ValueError(f"{n_train} training examples are fewer than one batch of {cfg.batch_size}")
+    return max(1, math.ceil(per_epoch * cfg.epochs))
+
+
+def _grades_optimizer(inner, model, cfg: FinetuneConfig, total: int):
+    from grades_optim import GradESOptimizer
+
+    return GradESOptimizer(inner, model=model, tau=cfg.tau, tau_mode=cfg.tau_mode, alpha=cfg.alpha,
+                           total_steps=total, patience=cfg.grades_patience, metric=cfg.metric,
+                           ema=cfg.ema, check_interval=cfg.check_interval)
+
+
+def train_method(method: str, model, train: Batches, val: Batches, test: Batches,
+                 cfg: FinetuneConfig) -> MethodResult:
+    """Fine-tune ``model`` in place with one stopping rule and score it on ``test``."""
+    from transformers import get_linear_schedule_with_warmup
+    from tqdm.auto import tqdm
+
+    total = planned_steps(cfg, len(train))
+    torch.manual_seed(cfg.seed)  # identical dropout masks across methods
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if method == "grades":
+        opt = _grades_optimizer(opt, model, cfg, total)
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    order = train.order(total, cfg.batch_size, cfg.seed)
+
+    wall = val_wall = 0.0
+    curve: list = []
+    losses: list = []
+    best = (math.inf, None, 0)  # classic-es: (val loss, weights, step)
+    since_best, stop_reason, step = 0, "schedule finished", 0
+    model.train()
+    bar = tqdm(total=total, desc=f"{method:>10}", disable=not cfg.progress, leave=False, unit="step")
+    for step, index in enumerate(order, 1):
+        t0 = time.perf_counter()
+        out = model(**train.batch(index))
+        out.loss.backward()
+        loss = out.loss.item()
+        losses.append(round(loss, 5))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        wall += time.perf_counter() - t0
+        bar.update(1)
+        if method == "classic-es" and (step % cfg.es_every == 0 or step == total):
+            t0 = time.perf_counter()
+            acc, vloss = evaluate(model, val, cfg.eval_batch_size)
+            if vloss < best[0]:
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best, since_best = (vloss, weights, step), 0
+            else:
+                since_best += 1
+            dt = time.perf_counter() - t0
+            wall, val_wall = wall + dt, val_wall + dt
+            curve.append([wall, step, acc, vloss])
+            bar.set_postfix(val_loss=f"{vloss:.4f}", best=best[2])
+            if since_best >= cfg.es_patience:
+                stop_reason = f"validation loss did not improve for {cfg.es_patience} checks"
+                break
+        elif method != "classic-es" and cfg.probe_every and step % cfg.probe_every == 0:
+            acc, vloss = evaluate(model, val, cfg.eval_batch_size)  # clock paused: monitoring only
+            curve.append([wall, step, acc, vloss])
+        if method == "grades":
+            s = opt.summary()
+            bar.set_postfix(frozen=f"{s['frozen']}/{s['tracked']}")
+            if opt.should_stop:
+                stop_reason = f"GradES: all {s['tracked']} projection matrices frozen"
+                break
+        if not math.isfinite(loss):
+            stop_reason = "loss is not finite"
+            logger.warning("%s: loss became %s at step %d; stopping", method, loss, step)
+            break
+    bar.close()
+    if method == "classic-es" and best[1] is not None:
+        t0 = time.perf_counter()
+        model.load_state_dict(best[1])
+        wall += time.perf_counter() - t0
+        stop_reason += f"; restored the best weights (step {best[2]})"
+    elif method != "classic-es" and cfg.probe_every and (not curve or curve[-1][1] != step):
+        acc, vloss = evaluate(model, val, cfg.eval_batch_size)
+        curve.append([wall, step, acc, vloss])
+    test_acc, test_loss = evaluate(model, test, cfg.eval_batch_size)
+    result = MethodResult(method, test_acc, test_loss, wall, step, total, stop_reason,
+                          val_seconds=val_wall, curve=curve, train_loss=losses)
+    if method == "grades":
+        _add_grades_details(result, opt)
+    logger.info("%s: test accuracy %.4f after %d/%d steps in %.1f s (%s)", method, test_acc, step,
+                total, wall, stop_reason)
+    return result
+
+
+def _add_grades_details(result: MethodResult, opt) -> None:
+    s = opt.summary()
+    result.frozen_ratio = s["frozen_ratio"]
+    result.summary = {k: v for k, v in s.items() if isinstance(v, (int, float, str, bool))}
+    result.components = [{"name": c.name, "kind": c.kind, "numel": c.numel,
+                          "frozen_at_step": c.frozen_at_step} for c in opt.components]
+    result.history = [r._asdict() for r in opt.history]
