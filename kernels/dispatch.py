@@ -14,7 +14,7 @@ import torch
 
 from . import available
 
-__all__ = ["IMPLS", "resolve_impl", "tensor_sums", "tensor_delta_sums",
+__all__ = ["IMPLS", "resolve_impl", "tensor_sums", "tensor_delta_sums", "fused_adamw_step",
            "torch_tensor_sums", "torch_tensor_delta_sums"]
 
 IMPLS = ("auto", "torch", "triton")
@@ -34,13 +34,15 @@ def resolve_impl(impl: str, tensors: Sequence[torch.Tensor]) -> str:
     if impl == "torch" or not tensors:
         return "torch"
     device = tensors[0].device
-    reason = available(device)
     if impl == "triton":
+        reason = available(device)
         if reason is not None:
             raise ValueError(f"Invalid impl: 'triton' cannot run on {device} tensors: {reason}")
         return "triton"
+    if device.type != "cuda":  # decided before available(): CPU work never even imports triton
+        return "torch"
     dense = all(t.layout == torch.strided and t.dtype in _TRITON_DTYPES for t in tensors)
-    return "triton" if reason is None and device.type == "cuda" and dense else "torch"
+    return "triton" if dense and available(device) is None else "torch"
 
 
 def torch_tensor_sums(tensors: Sequence[torch.Tensor], ord: int) -> torch.Tensor:
@@ -84,3 +86,22 @@ def tensor_delta_sums(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], ord:
     from . import tensor_sums as kernel  # lazy: imports triton
 
     return kernel.tensor_delta_sums(a, b, ord)
+
+
+def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+                     exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], active: Sequence[bool], *,
+                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
+                     maximize: bool = False, impl: str = "auto") -> torch.Tensor:
+    """Masked AdamW/Adam step of the active tensors, in place; Σ|grad| per tensor (0 when inactive).
+
+    See ``fused_adamw.py`` for the math, the state layout and what is not supported yet.
+    """
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+                 maximize=maximize)
+    if resolve_impl(impl, list(params)) == "torch":
+        from .fused_adamw_twin import torch_fused_adamw_step
+
+        return torch_fused_adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, active, **hyper)
+    from . import fused_adamw  # lazy: imports triton
+
+    return fused_adamw.fused_adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, active, **hyper)

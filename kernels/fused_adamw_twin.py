@@ -1,0 +1,94 @@
+"""Torch twin of ``fused_adamw.fused_adamw_step``, and the argument checks both share; no triton import.
+
+Same signature, same state layout (``exp_avg``/``exp_avg_sq`` fp32, ``step`` CPU scalar tensors),
+same formulas in fp32 and round-to-nearest-even stores: the reference the kernel is tested against
+and the path ``dispatch`` takes without Triton.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["torch_fused_adamw_step"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_list(name: str, tensors) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(f"{name} must be a sequence of tensors, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name}[{i}] has layout {t.layout}; only dense (strided) tensors are supported")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected one of "
+                            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
+    return list(tensors)
+
+
+def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active):
+    lists = [_check_list(name, x) for name, x in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
+                                                  ("exp_avg_sqs", exp_avg_sqs), ("steps", steps))]
+    n = len(lists[0])
+    for name, x in zip(("grads", "exp_avgs", "exp_avg_sqs", "steps"), lists[1:]):
+        if len(x) != n:
+            raise ValueError(f"{name} has {len(x)} tensors but params has {n}")
+    if len(active) != n:
+        raise ValueError(f"active has {len(active)} flags but params has {n}")
+    for i in range(n):
+        p = lists[0][i]
+        if lists[1][i].dtype != p.dtype or lists[1][i].shape != p.shape:
+            raise ValueError(f"grads[{i}] is {lists[1][i].dtype} {tuple(lists[1][i].shape)}; "
+                             f"params[{i}] is {p.dtype} {tuple(p.shape)}")
+        for name, s in (("exp_avgs", lists[2][i]), ("exp_avg_sqs", lists[3][i])):
+            if s.dtype != torch.float32 or s.shape != p.shape:
+                raise ValueError(f"{name}[{i}] is {s.dtype} {tuple(s.shape)}; expected float32 {tuple(p.shape)}")
+        if lists[4][i].device.type != "cpu" or lists[4][i].numel() != 1:
+            raise ValueError(f"steps[{i}] must be a 1-element CPU tensor (torch's non-capturable layout); "
+                             f"got {tuple(lists[4][i].shape)} on {lists[4][i].device}")
+    return lists
+
+
+def _coefficients(steps, active, lr, beta1, beta2):
+    """Advance the active steps and return torch's per-tensor step_size and sqrt(bias_correction2)."""
+    step_size, bc2_sqrt = [], []
+    for s, a in zip(steps, active):
+        if a:
+            s += 1  # in place, like torch's `step_t += 1`
+        k = float(s)  # CPU tensor: no device sync
+        # Python doubles, exactly as torch's _single_tensor_adam computes them (k=0 only when frozen).
+        step_size.append(lr / (1 - beta1 ** k) if k > 0 else 0.0)
+        bc2_sqrt.append(math.sqrt(1 - beta2 ** k) if k > 0 else 1.0)
+    return step_size, bc2_sqrt
+
+
+def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                           exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                           steps: Sequence[torch.Tensor], active: Sequence[bool], *, lr: float, beta1: float,
+                           beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
+                           maximize: bool = False, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Torch twin of ``fused_adamw_step`` (same signature; ``chunk_size`` is ignored): fp32 math, RNE stores."""
+    lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active)
+    active = [bool(a) for a in active]
+    step_size, bc2_sqrt = _coefficients(lists[4], active, lr, beta1, beta2)
+    out = []
+    for i, (p, g, m, v) in enumerate(zip(*lists[:4])):
+        g32 = g.float()
+        out.append(g32.abs().sum() if active[i] else torch.zeros((), device=p.device))
+        if not active[i]:
+            continue
+        p32 = p.float()
+        g32 = -g32 if maximize else g32
+        if decoupled:
+            p32.mul_(1 - lr * weight_decay)
+        else:
+            g32 = g32 + weight_decay * p32
+        m.lerp_(g32, 1 - beta1)
+        v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+        p32.addcdiv_(m, v.sqrt() / bc2_sqrt[i] + eps, value=-step_size[i])
+        p.copy_(p32)  # .copy_ from fp32 rounds to nearest even, like the kernel's store
+    return torch.stack(out).float() if out else torch.zeros(0, dtype=torch.float32)
