@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import distributed as dist_utils
+
 __all__ = ["METRICS", "REDUCTIONS", "IMPLS", "tensor_sums", "component_magnitudes"]
 
 METRICS = ("grad_l1", "grad_l2", "grad_delta_l1", "weight_delta_l1")
@@ -26,74 +28,84 @@ REDUCTIONS = ("sum", "mean")
 IMPLS = ("auto", "torch", "triton")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    # FSDP2 DTensor shards: sum locally; the cross-rank all-reduce belongs to the distributed layer.
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _single_tensor_sums(tensors: Sequence[torch.Tensor], ord: int) -> torch.Tensor:
     """Readable reference: per tensor, Σ|x| (ord 1) or Σx² (ord 2), fp32, one value per tensor."""
     out = []
     for t in tensors:
-        t = _local(t).float()
+        t = dist_utils.local(t).float()
         out.append(t.abs().sum() if ord == 1 else (t * t).sum())
     return torch.stack(out) if out else torch.zeros(0)
 
 
-def _foreach_sums(tensors: Sequence[torch.Tensor], ord: int) -> torch.Tensor:
-    """Batched torch path: one ``_foreach_norm`` with fp32 output for all tensors of a device."""
-    norms = torch._foreach_norm([_local(t) for t in tensors], ord, dtype=torch.float32)
-    sums = torch.stack(norms)
-    return sums if ord == 1 else sums * sums
+def tensor_sums(tensors: Sequence[torch.Tensor], ord: int, *, impl: str = "torch",
+                others: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """Σ|x| or Σx² of every tensor, or of ``x − y`` pairwise with ``others`` (fp32, on device).
 
+    The dispatcher (``grades_optim.kernels.dispatch``) runs one ``_foreach_norm`` for
+    ``impl="torch"`` and the one-launch Triton kernels for ``"triton"`` (``"auto"``: Triton for CUDA
+    tensors when it is available); triton is only imported on that path.
+    """
+    from grades_optim.kernels import dispatch
 
-def tensor_sums(tensors: Sequence[torch.Tensor], ord: int, *, impl: str = "torch") -> torch.Tensor:
-    """Σ|x| or Σx² of every tensor (fp32, on the tensors' device). All tensors share a device."""
     if ord not in (1, 2):
         raise ValueError(f"Invalid ord: {ord}; expected 1 or 2")
-    if not tensors:
-        return torch.zeros(0)
-    if impl == "triton":
-        from grades_optim.kernels import dispatch  # lazy: triton is optional
-
-        return dispatch.tensor_sums(tensors, ord)
-    return _foreach_sums(tensors, ord)
+    if others is not None:
+        return dispatch.tensor_delta_sums(tensors, others, ord, impl=impl)
+    return dispatch.tensor_sums(tensors, ord, impl=impl)
 
 
 def component_magnitudes(tensors: Sequence[torch.Tensor], owners: Sequence[int], n_components: int,
-                         ord: int, reduction: str, *, impl: str = "torch") -> list[Optional[float]]:
+                         ord: int, reduction: str, *, impl: str = "torch", group=None,
+                         others: Optional[Sequence[torch.Tensor]] = None) -> list[Optional[float]]:
     """Magnitude per component; ``owners[i]`` is the component of ``tensors[i]``.
 
     Components that own no tensor (no gradient this step) come back as ``None``, never 0.0: the
-    released GradES code read "not measured" as 0.0 and froze on it.
+    released GradES code read "not measured" as 0.0 and froze on it. With ``others`` the magnitude
+    is that of ``tensors[i] − others[i]`` (gradient or weight deltas). With a process ``group``,
+    the per-component sums are agreed over ranks first (see :mod:`grades_optim.distributed`).
     """
     if len(tensors) != len(owners):
         raise ValueError(f"got {len(owners)} owners for {len(tensors)} tensors")
-    numel = [0] * n_components
-    seen = [False] * n_components
+    share = 1.0 / dist_utils.world_size(group)
+    numel = [0.0] * n_components
+    seen = [0.0] * n_components
+    weights = []
     by_device: dict[torch.device, list[int]] = {}
     for i, (t, c) in enumerate(zip(tensors, owners)):
-        numel[c] += t.numel()
-        seen[c] = True
-        by_device.setdefault(_local(t).device, []).append(i)
+        w = 1.0 if dist_utils.is_sharded(t) else share  # shards add up; replicas average
+        weights.append(w)
+        numel[c] += dist_utils.local(t).numel() * w
+        seen[c] = 1.0
+        by_device.setdefault(dist_utils.local(t).device, []).append(i)
     totals = None
     for device, idx in by_device.items():
-        sums = tensor_sums([tensors[i] for i in idx], ord, impl=impl)
+        sums = tensor_sums([tensors[i] for i in idx], ord, impl=impl,
+                           others=None if others is None else [others[i] for i in idx])
+        if group is not None:
+            sums = sums * torch.tensor([weights[i] for i in idx], device=sums.device)
         index = torch.tensor([owners[i] for i in idx], device=sums.device)
         per_comp = torch.zeros(n_components, dtype=torch.float32, device=sums.device)
         per_comp.index_add_(0, index, sums)
         totals = per_comp if totals is None else totals + per_comp.to(totals.device)
-    values = totals.tolist() if totals is not None else [0.0] * n_components  # the one host sync
+    if totals is None:  # this rank measured nothing; it still joins the collective
+        totals = torch.zeros(n_components, dtype=torch.float32,
+                             device=_group_device(group))
+    vec = torch.cat([totals.double(), torch.tensor(numel + seen, dtype=torch.float64).to(totals.device)])
+    values = dist_utils.all_reduce_sum(vec, group).tolist()  # the one host sync of a check
     out: list[Optional[float]] = []
     for c in range(n_components):
-        if not seen[c]:
-            out.append(None)
-            continue
-        v = values[c]
-        if numel[c] == 0:  # nothing to measure (empty tensors): no reading, not a zero reading
+        v, n, measured = values[c], values[n_components + c], values[2 * n_components + c]
+        if not measured or n <= 0:  # no gradient, or only empty tensors: no reading, not a zero
             out.append(None)
             continue
         if reduction == "mean":
-            v = v / numel[c]
+            v = v / n
         out.append(math.sqrt(v) if ord == 2 and v >= 0 else v)
     return out
+
+
+def _group_device(group) -> torch.device:
+    # NCCL collectives need CUDA tensors, gloo CPU ones.
+    if group is not None and torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

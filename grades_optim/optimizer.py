@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
+from . import distributed as dist_utils
 from . import magnitudes as mag
 from .components import Component, ComponentSpec, components_from_mapping, discover_components
 from .rule import TAU_MODES, ComponentState, RuleConfig, decide_all, should_stop
@@ -92,6 +93,8 @@ class GradESOptimizer(torch.optim.Optimizer):
             touches ``requires_grad``; safe under DDP and compiled graphs) or ``"auto"``.
         impl: ``"auto"``, ``"torch"`` or ``"triton"`` for the reductions.
         record_history: keep one :class:`CheckRecord` per component per check in ``history``.
+        process_group: the ranks that must agree on freeze decisions (default: the default group
+            when ``torch.distributed`` is initialized); one small all-reduce per check.
 
     Example::
 
@@ -113,7 +116,8 @@ class GradESOptimizer(torch.optim.Optimizer):
                  total_steps: Optional[int] = None, grace_steps: int = 0, check_interval: int = 1,
                  metric: str = "grad_l1", reduction: str = "mean", patience: int = 1,
                  ema: float = 0.0, tau_mode: str = "absolute", max_frozen_ratio: float = 1.0,
-                 freeze_mode: str = "auto", impl: str = "auto", record_history: bool = True):
+                 freeze_mode: str = "auto", impl: str = "auto", record_history: bool = True,
+                 process_group=None):
         _validate_inner(optimizer)
         _validate(tau=tau, alpha=alpha, total_steps=total_steps, grace_steps=grace_steps,
                   check_interval=check_interval, metric=metric, reduction=reduction,
@@ -132,8 +136,10 @@ class GradESOptimizer(torch.optim.Optimizer):
         self._cfg = RuleConfig(tau=float(tau), grace_steps=self._resolve_grace(), patience=patience,
                                ema=float(ema), tau_mode=tau_mode)
         self.impl = _resolve_impl(impl)
-        self.freeze_mode, self.freeze_mode_reason = _resolve_freeze_mode(freeze_mode, model)
+        self.process_group = process_group
         self.components: list[Component] = _resolve(_specs(model, components, matcher), optimizer)
+        self.freeze_mode, self.freeze_mode_reason = _resolve_freeze_mode(
+            freeze_mode, model, optimizer, dist_utils.resolve_group(process_group))
         self._states = [ComponentState() for _ in self.components]
         self._step = 0
         self.history: list[CheckRecord] = []
@@ -249,11 +255,9 @@ class GradESOptimizer(torch.optim.Optimizer):
         elif check and self.metric == "grad_delta_l1":
             values = self._measure_grad_delta(live)
         before = [p.detach().clone() for _, p in live] if check and self.metric == "weight_delta_l1" else None
-        if before is not None and not live:
-            values = [None] * len(self.components)
         self._masked_inner_step()
-        if before:
-            values = self._measure(torch._foreach_sub([p.detach() for _, p in live], before), live)
+        if before is not None:
+            values = self._measure([p.detach() for _, p in live], live, before)
         if self.metric == "grad_delta_l1":
             self._keep_prev_grads(live)
         if values is not None:
@@ -278,16 +282,15 @@ class GradESOptimizer(torch.optim.Optimizer):
                     out.append((c, p))
         return out
 
-    def _measure(self, tensors, live) -> list[Optional[float]]:
+    def _measure(self, tensors, live, others=None) -> list[Optional[float]]:
         return mag.component_magnitudes(tensors, [c for c, _ in live], len(self.components),
-                                        mag.METRIC_ORD[self.metric], self.reduction, impl=self.impl)
+                                        mag.METRIC_ORD[self.metric], self.reduction, impl=self.impl,
+                                        group=dist_utils.resolve_group(self.process_group), others=others)
 
     def _measure_grad_delta(self, live):
         have = [(c, p) for c, p in live if _PREV_GRAD in self.state.get(p, {})]
-        if not have:  # first check: no previous gradient yet, nothing is measured
-            return [None] * len(self.components)
-        deltas = torch._foreach_sub([p.grad for _, p in have], [self.state[p][_PREV_GRAD] for _, p in have])
-        return self._measure(deltas, have)
+        # the first check has no previous gradient: nothing measured (every rank still joins)
+        return self._measure([p.grad for _, p in have], have, [self.state[p][_PREV_GRAD] for _, p in have])
 
     def _keep_prev_grads(self, live) -> None:
         # Only the gradient of the step right before a check is needed.
@@ -370,8 +373,11 @@ class GradESOptimizer(torch.optim.Optimizer):
             # DCP's dry step uses lr=0.0 or a CPU tensor; reading a GPU lr would be a host sync.
             if lr is None or (torch.is_tensor(lr) and lr.device.type != "cpu") or float(lr) != 0.0:
                 return False
-        grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
-        return bool(grads) and all(float(n) == 0.0 for n in torch._foreach_norm(grads, 1))
+        grads = [dist_utils.local(p.grad) for g in groups for p in g["params"] if p.grad is not None]
+        zero = bool(grads) and all(float(n) == 0.0 for n in torch._foreach_norm(grads, 1))
+        # ranks must agree, or one would skip the check's collective (an empty shard reads zero)
+        device = grads[0].device if grads else torch.device("cpu")
+        return dist_utils.all_true(zero, device, dist_utils.resolve_group(self.process_group))
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -524,31 +530,35 @@ def _validate(*, tau, alpha, total_steps, grace_steps, check_interval, metric, r
 
 
 def _resolve_impl(impl: str) -> str:
-    if impl == "torch":
-        return "torch"
-    try:
+    """``"auto"`` stays: the dispatcher picks Triton per call for CUDA tensors when it can run."""
+    if impl == "triton":
         from grades_optim import kernels
-    except ImportError as exc:  # pragma: no cover - the package always ships kernels/
-        if impl == "triton":
-            raise ValueError(f"Invalid impl: 'triton' is unavailable ({exc})") from exc
-        return "torch"
-    available = getattr(kernels, "available", None)
-    reason = available() if callable(available) else "the Triton kernels are not built yet"
-    if impl == "triton" and reason is not None:
-        raise ValueError(f"Invalid impl: 'triton' is unavailable: {reason}; use impl='torch'")
-    return "triton" if reason is None else "torch"
+
+        reason = kernels.available()
+        if reason is not None:
+            raise ValueError(f"Invalid impl: 'triton' is unavailable: {reason}; use impl='torch' or 'auto'")
+    return impl
 
 
-def _resolve_freeze_mode(freeze_mode: str, model) -> tuple[str, str]:
+def _resolve_freeze_mode(freeze_mode: str, model, optimizer, group) -> tuple[str, str]:
+    """Pick how to freeze; the reason is exposed as ``opt.freeze_mode_reason``."""
     if freeze_mode != "auto":
         return freeze_mode, "chosen by the user"
-    ddp = torch.nn.parallel.DistributedDataParallel
-    if isinstance(model, ddp):
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         if model.find_unused_parameters and not getattr(model, "static_graph", False):
             return "requires_grad", "DDP with find_unused_parameters=True tolerates requires_grad changes"
         return "skip", ("DDP without find_unused_parameters=True (or with static_graph) breaks when "
                         "requires_grad changes; frozen matrices are skipped but still get gradients")
-    return "requires_grad", "no DDP model detected: requires_grad=False also skips the weight-gradient GEMM"
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if any(dist_utils.is_sharded(p) for p in params):
+        return "requires_grad", "FSDP2 (DTensor) parameters re-sync requires_grad at every all-gather"
+    if group is not None:
+        # The DDP wrapper may be built after the optimizer (HF Trainer, Lightning) where we
+        # cannot see it; toggling requires_grad under its default reducer silently diverges.
+        return "skip", ("torch.distributed is running and no DDP(find_unused_parameters=True) model was "
+                        "given: frozen matrices are skipped but keep requires_grad (pass the DDP model "
+                        "or freeze_mode='requires_grad' if the reducer tolerates it)")
+    return "requires_grad", "single process: requires_grad=False also skips the weight-gradient GEMM"
 
 
 def _specs(model, components, matcher) -> list[ComponentSpec]:

@@ -2,7 +2,7 @@
 
 What is computed. For tensors ``x_0..x_{T-1}`` (fp32, bf16 or fp16, any sizes, one device) the
 result is an fp32 vector ``s`` with ``s[t] = Σ|x_t|`` (``ord=1``) or ``Σ x_t²`` (``ord=2``): the
-semantics of ``_single_tensor_sums`` / ``_foreach_sums`` in ``grades_optim/magnitudes.py``. The
+semantics of ``_single_tensor_sums`` in ``grades_optim/magnitudes.py`` and ``dispatch.torch_tensor_sums``. The
 delta variant takes pairs ``(a_t, b_t)`` of equal numel and sums ``|a_t − b_t|`` (or its square);
 the difference is taken in fp32 after upcasting, so it is *more* exact than ``(a − b)`` computed
 in bf16 by ``torch._foreach_sub`` (which rounds every difference to 8 significant bits first).

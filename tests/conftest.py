@@ -1,8 +1,18 @@
-"""Shared fixtures: a tiny Llama-shaped model built by hand (no transformers needed)."""
-import torch
-from torch import nn
+"""Shared fixtures: a tiny Llama-shaped model built by hand (no transformers needed).
 
-import pytest
+Triton kernels run on CPU tensors under the interpreter: the variable must be set before triton is
+first imported (it decides interpreted-or-compiled at decoration time), so it is set here, before
+any test module loads. The GPU subprocess in test_kernels.py opts out with
+GRADES_KERNELS_COMPILED=1.
+"""
+import os
+
+if os.environ.get("GRADES_KERNELS_COMPILED") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
 
 
 class Attention(nn.Module):

@@ -1,0 +1,93 @@
+"""DDP, FSDP2 and DCP on CPU: gloo, 2 processes, a hard time limit, no leftover processes.
+
+All scenarios run in one spawned process group (tests/dist_worker.py); each test checks one.
+"""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT_S = 240
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.dist_worker", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: killable as a whole
+    try:
+        log, _ = proc.communicate(timeout=LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"distributed scenarios exceeded {LIMIT_S}s:\n{log[-3000:]}")
+    finally:
+        try:  # nothing of the group may survive (spawned ranks included)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, log[-5000:]
+
+    def load(name):
+        return torch.load(out / f"{name}.pt", weights_only=False)
+
+    return load
+
+
+def assert_params_close(a, b):
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("find_unused, mode", [(1, "requires_grad"), (0, "skip")])
+def test_ddp_matches_single_process_with_identical_freezes(results, find_unused, mode):
+    ref = results("reference")
+    ranks = [results(f"ddp_{find_unused}_{r}") for r in range(2)]
+    assert any(v is not None for v in ref["frozen"].values())
+    for res in ranks:
+        assert res["mode"] == mode
+        assert res["frozen"] == ref["frozen"]
+        assert_params_close(res["params"], ref["params"])
+    frozen = {n for n, s in ref["frozen"].items() if s is not None}
+    for n, rg in ranks[0]["requires_grad"].items():
+        in_frozen = any(n.startswith(c + ".") for c in frozen)
+        assert rg == (not in_frozen or mode == "skip"), n
+
+
+def test_perturbed_rank_still_agrees(results):
+    r0, r1 = results("perturbed_0"), results("perturbed_1")
+    assert r0["frozen"] == r1["frozen"]
+    # identical readings, thresholds and decisions (repr: NaN thresholds compare unequal)
+    assert repr(r0["history"]) == repr(r1["history"]) and r0["history"]
+    frozen = [s for s in r0["frozen"].values() if s is not None]
+    live = [s for s in r0["frozen"].values() if s is None]
+    assert frozen and live  # a real mix, not trivially all-or-nothing
+
+
+def test_fsdp2_sharded_reductions_match_single_process(results):
+    ref = results("reference")
+    for r in range(2):
+        res = results(f"fsdp2_{r}")
+        assert res["mode"] == "requires_grad"
+        assert res["frozen"] == ref["frozen"]
+        assert_params_close(res["params"], ref["params"])
+
+
+def test_dcp_round_trip_restores_freezes_and_ignores_dry_step(results):
+    for r in range(2):
+        res = results(f"dcp_{r}")
+        assert res["restored"]["frozen"] == res["original"]["frozen"]
+        assert any(v is not None for v in res["restored"]["frozen"].values())
+        assert res["restored"]["step"] == res["original"]["step"]  # the loader's dry step not counted
+        frozen = {n for n, s in res["restored"]["frozen"].items() if s is not None}
+        for n, rg in res["restored"]["requires_grad"].items():
+            assert rg == (not any(n.startswith(c + ".") for c in frozen)), n
+        assert res["continued_identically"]
