@@ -20,7 +20,7 @@ from grades_optim.cli import main  # noqa: E402
 from grades_optim.finetune import data as ft_data  # noqa: E402
 from grades_optim.finetune.errors import DatasetError  # noqa: E402
 
-FAST = ["--threads", "1", "--quiet", "--max-steps", "40", "--batch-size", "16", "--max-length", "16",
+FAST = ["--threads", "1", "--quiet", "--max-steps", "60", "--batch-size", "16", "--max-length", "16",
         "--lr", "2e-3", "--es-every", "5", "--es-patience", "2", "--probe-every", "10", "--alpha", "0.25",
         "--grades-patience", "2"]
 REQUIRED = {"method", "test_accuracy", "wall_seconds", "steps", "frozen_ratio"}
@@ -54,7 +54,8 @@ def test_run_writes_a_valid_report(run_dir, capsys):
     for m in methods.values():
         assert REQUIRED <= set(m)
         assert 0.0 <= m["test_accuracy"] <= 1.0 and m["wall_seconds"] > 0 and m["steps"] >= 1
-    assert methods["full"]["steps"] == 40
+    assert methods["full"]["steps"] == 60
+    assert methods["full"]["test_accuracy"] >= 0.8, "the tiny model learns the keyword task"
     grades = methods["grades"]
     assert grades["frozen_ratio"] > 0, "the quick-style run must freeze components"
     assert any(c["frozen_at_step"] is not None for c in grades["components"])
