@@ -136,7 +136,8 @@ def infer_kind(key: str) -> str:
     return _lookup(_module_key(_clean(key))) or "other"
 
 
-def discover_components(model: nn.Module, matcher: Optional[Matcher] = None) -> list[ComponentSpec]:
+def discover_components(model: nn.Module, matcher: Optional[Matcher] = None,
+                        trainable: Optional[Callable[[nn.Parameter], bool]] = None) -> list[ComponentSpec]:
     """Find the projection matrices of ``model``, one :class:`ComponentSpec` each, in model order.
 
     Args:
@@ -147,10 +148,14 @@ def discover_components(model: nn.Module, matcher: Optional[Matcher] = None) -> 
             returning a kind in ``KINDS``, ``True`` (infer the kind) or a falsy value (skip).
             Keys are cleaned module paths such as ``"model.layers.0.self_attn.q_proj"``.
 
-    Only parameters with ``requires_grad=True`` now are tracked (plus the inactive-adapter
-    tensors of a tracked PEFT layer, see the module docstring). Raises ``ValueError`` naming what
+    Only trainable parameters are tracked (``trainable(p)``, default ``p.requires_grad``; the
+    optimizer also counts parameters a previous GradES run froze), plus the inactive-adapter
+    tensors of a tracked PEFT layer, see the module docstring. Raises ``ValueError`` naming what
     was searched when nothing matches.
     """
+    if trainable is None:
+        def trainable(p):
+            return p.requires_grad
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
     kind_of = _resolve_matcher(matcher)
@@ -165,13 +170,14 @@ def discover_components(model: nn.Module, matcher: Optional[Matcher] = None) -> 
         if placed is None:
             continue
         raw_key, is_adapter = placed
-        if param.requires_grad:
+        train = trainable(param)
+        if train:
             examined.append(name)
         elif not is_adapter:
             continue
         key = _clean(raw_key)
         groups.setdefault(key, []).append((name, param))
-        if param.requires_grad:
+        if train:
             live.add(key)
     specs = []
     for key, params in groups.items():

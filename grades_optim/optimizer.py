@@ -137,13 +137,15 @@ class GradESOptimizer(torch.optim.Optimizer):
                                ema=float(ema), tau_mode=tau_mode)
         self.impl = _resolve_impl(impl)
         self.process_group = process_group
-        self.components: list[Component] = _resolve(_specs(model, components, matcher), optimizer)
+        self.components: list[Component] = _resolve(_specs(model, components, matcher, optimizer), optimizer)
         self.freeze_mode, self.freeze_mode_reason = _resolve_freeze_mode(
             freeze_mode, model, optimizer, dist_utils.resolve_group(process_group))
         self._states = [ComponentState() for _ in self.components]
         self._step = 0
         self.history: list[CheckRecord] = []
         self.released_state_bytes = 0
+        if all(k in g for g in self.param_groups for k in _KEYS) and self._layout_error(self.param_groups) is None:
+            self._adopt_groups()  # the inner already carries GradES state (a checkpoint loaded into it)
         self._write_groups()
 
     # -- delegation --------------------------------------------------------------------------
@@ -395,49 +397,59 @@ class GradESOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = hook(self, state_dict)
             state_dict = state_dict if out is None else out
-        saved_groups = _check_state_dict(state_dict, self.param_groups)
+        saved_groups = _check_state_dict(state_dict, self.param_groups, type(self._inner).__name__)
         has_grades = all(k in g for g in saved_groups for k in _KEYS)
-        if has_grades:
-            for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-                for key in ("grades_cid", "grades_numel"):
-                    if list(saved[key]) != list(group[key]):
-                        raise ValueError(
-                            f"state_dict is from a different parameter layout: param_groups[{g}]['{key}'] "
-                            f"is {_short(saved[key])}, this optimizer has {_short(group[key])}. Build the "
-                            "model, the inner optimizer and the GradES components exactly as for the saved run")
+        error = self._layout_error(saved_groups) if has_grades else None
+        if error is not None:
+            raise ValueError(error)
         self._inner.load_state_dict(state_dict)
         if has_grades:
-            self._read_groups()
+            self._adopt_groups()
         else:
             self._step, self._states = 0, [ComponentState() for _ in self.components]
             for comp in self.components:
+                if comp.frozen and self.freeze_mode == "requires_grad":  # undo what we froze
+                    for g, i in comp.positions:
+                        self.param_groups[g]["params"][i].requires_grad_(True)
                 comp.frozen_at_step = None
-        for comp in self.components:
-            if comp.frozen:
-                for g, i in comp.positions:
-                    _release_state(self.state, self.param_groups[g]["params"][i])
         self._write_groups()
-        self._apply_freezes()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _write_groups(self) -> None:
+    def _layout(self):
+        """Per group: the component index of each param (-1 untracked) and each param's numel."""
         cid = {pos: c for c, comp in enumerate(self.components) for pos in comp.positions}
-        for g, group in enumerate(self.param_groups):
-            ids = [cid.get((g, i), -1) for i in range(len(group["params"]))]
+        return [([cid.get((g, i), -1) for i in range(len(group["params"]))],
+                 [int(p.numel()) for p in group["params"]]) for g, group in enumerate(self.param_groups)]
+
+    def _layout_error(self, saved_groups) -> Optional[str]:
+        for g, (saved, (cid, numel)) in enumerate(zip(saved_groups, self._layout())):
+            for key, mine in (("grades_cid", cid), ("grades_numel", numel)):
+                if list(saved[key]) != mine:
+                    return (f"state_dict is from a different parameter layout: param_groups[{g}]['{key}'] is "
+                            f"{_short(saved[key])}, this optimizer has {_short(mine)}. Build the model, the "
+                            "inner optimizer and the GradES components exactly as for the saved run")
+        return None
+
+    def _write_groups(self) -> None:
+        for group, (ids, numel) in zip(self.param_groups, self._layout()):
             group["grades_step"] = self._step
             group["grades_cid"] = ids
-            group["grades_numel"] = [int(p.numel()) for p in group["params"]]
+            group["grades_numel"] = numel
             group["grades_state"] = [list(dataclasses.astuple(self._states[c])) if c >= 0 else None
                                      for c in ids]
 
-    def _read_groups(self) -> None:
+    def _adopt_groups(self) -> None:
+        """Take the step counter and rule states from the groups, then re-apply the freeze set."""
         self._step = int(self.param_groups[0]["grades_step"])
         for c, comp in enumerate(self.components):
             g, i = comp.positions[0]
-            raw = self.param_groups[g]["grades_state"][i]
-            self._states[c] = ComponentState(*raw)
+            self._states[c] = ComponentState(*self.param_groups[g]["grades_state"][i])
             comp.frozen_at_step = self._states[c].frozen_at
+            if comp.frozen:
+                for g, i in comp.positions:
+                    _release_state(self.state, self.param_groups[g]["params"][i])
+        self._apply_freezes()
 
     def _resolve_grace(self) -> int:
         if self.alpha > 0:
@@ -468,13 +480,23 @@ def _short(seq) -> str:
     return str(seq) if len(seq) <= 8 else f"{seq[:8]}... ({len(seq)} entries)"
 
 
-def _check_state_dict(state_dict, groups) -> list:
+# hyperparameters that identify an optimizer family: a checkpoint's groups have them iff ours do
+_CLASS_KEYS = ("betas", "momentum", "lr_decay", "rho", "beta2_decay")
+
+
+def _check_state_dict(state_dict, groups, type_name: str = "optimizer") -> list:
     if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
         raise ValueError("Invalid state_dict: expected an optimizer state dict with 'state' and "
                          f"'param_groups', got {type(state_dict).__name__}")
     saved = state_dict["param_groups"]
     if len(saved) != len(groups):
         raise ValueError(f"state_dict has {len(saved)} param groups, this optimizer has {len(groups)}")
+    for key in _CLASS_KEYS:
+        if saved and (key in groups[0]) != (key in saved[0]):
+            lack = "lack" if key in groups[0] else "have"
+            raise ValueError(f"state_dict comes from a different optimizer class (its param_groups {lack} "
+                             f"{key!r}, this {type_name}'s do{' not' if lack == 'have' else ''}); load it into "
+                             "the optimizer class that saved it")
     for g, (s, group) in enumerate(zip(saved, groups)):
         if len(s["params"]) != len(group["params"]):
             raise ValueError(f"state_dict param_groups[{g}] has {len(s['params'])} params, this "
@@ -561,7 +583,7 @@ def _resolve_freeze_mode(freeze_mode: str, model, optimizer, group) -> tuple[str
     return "requires_grad", "single process: requires_grad=False also skips the weight-gradient GEMM"
 
 
-def _specs(model, components, matcher) -> list[ComponentSpec]:
+def _specs(model, components, matcher, optimizer) -> list[ComponentSpec]:
     if components is not None:
         if matcher is not None:
             raise ValueError("Invalid matcher: give either components= or matcher=, not both")
@@ -571,7 +593,12 @@ def _specs(model, components, matcher) -> list[ComponentSpec]:
                          "(an explicit {name: parameters} mapping)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
-    return discover_components(model, matcher)
+    # A parameter a previous GradES run froze (requires_grad=False, flagged frozen in the groups the
+    # inner optimizer carries) is still a component: re-wrapping must find the same layout.
+    frozen_before = {id(p) for g in optimizer.param_groups
+                     for p, st in zip(g["params"], g.get("grades_state") or [])
+                     if st is not None and ComponentState(*st).frozen_at is not None}
+    return discover_components(model, matcher, trainable=lambda p: p.requires_grad or id(p) in frozen_before)
 
 
 def _resolve(specs: list[ComponentSpec], optimizer) -> list[Component]:

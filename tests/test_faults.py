@@ -1,0 +1,200 @@
+"""The bad-input and fault catalogue (docs/RELIABILITY.md mirrors this table).
+
+Every case states the exact exception and message users see, and proves that nothing was
+modified: model parameters, their requires_grad flags, the inner optimizer's state dict and, for
+loads, the wrapper's own freeze set and step counter.
+"""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from grades_optim import GradESOptimizer
+from tests.conftest import make_model
+from tests.test_optimizer import inject
+
+
+def snapshot(model, inner):
+    return ({n: p.detach().clone() for n, p in model.named_parameters()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            copy.deepcopy(inner.state_dict()))
+
+
+def assert_unchanged(before, model, inner):
+    params, flags, sd = before
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]), n
+        assert p.requires_grad == flags[n], n
+    after = inner.state_dict()
+    assert after["param_groups"] == sd["param_groups"]
+    assert after["state"].keys() == sd["state"].keys()
+    for k in sd["state"]:
+        for key, v in sd["state"][k].items():
+            assert torch.equal(after["state"][k][key], v) if torch.is_tensor(v) else after["state"][k][key] == v
+
+
+def build(model, **kw):
+    return GradESOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, **kw)
+
+
+# (id, build kwargs or callable(model, inner), exception, message regex)
+CONSTRUCTOR_CASES = [
+    ("tau_zero", dict(tau=0.0), ValueError, r"Invalid tau: 0\.0; expected a finite number > 0"),
+    ("tau_negative", dict(tau=-1e-3), ValueError, r"Invalid tau: -0\.001"),
+    ("tau_nan", dict(tau=float("nan")), ValueError, r"Invalid tau: nan"),
+    ("tau_inf", dict(tau=float("inf")), ValueError, r"Invalid tau: inf"),
+    ("tau_string", dict(tau="0.1"), ValueError, r"Invalid tau: '0\.1'"),
+    ("alpha_one", dict(tau=1.0, alpha=1.0, total_steps=10), ValueError, r"Invalid alpha: 1\.0; expected a fraction"),
+    ("alpha_without_total_steps", dict(tau=1.0, alpha=0.3), ValueError, r"Invalid alpha: 0\.3 needs total_steps"),
+    ("alpha_and_grace_steps", dict(tau=1.0, alpha=0.3, total_steps=10, grace_steps=2), ValueError,
+     r"Invalid grace_steps: 2 together with alpha=0\.3; give one of them"),
+    ("total_steps_zero", dict(tau=1.0, total_steps=0), ValueError, r"Invalid total_steps: 0"),
+    ("check_interval_zero", dict(tau=1.0, check_interval=0), ValueError, r"Invalid check_interval: 0"),
+    ("patience_zero", dict(tau=1.0, patience=0), ValueError, r"Invalid patience: 0"),
+    ("ema_one", dict(tau=1.0, ema=1.0), ValueError, r"Invalid ema: 1\.0"),
+    ("max_frozen_ratio_zero", dict(tau=1.0, max_frozen_ratio=0.0), ValueError, r"Invalid max_frozen_ratio: 0\.0"),
+    ("unknown_metric", dict(tau=1.0, metric="grad_max"), ValueError,
+     r"Invalid metric: 'grad_max'; expected one of 'grad_l1', 'grad_l2', 'grad_delta_l1', 'weight_delta_l1'"),
+    ("unknown_reduction", dict(tau=1.0, reduction="median"), ValueError, r"Invalid reduction: 'median'"),
+    ("unknown_freeze_mode", dict(tau=1.0, freeze_mode="hard"), ValueError, r"Invalid freeze_mode: 'hard'"),
+    ("unknown_tau_mode", dict(tau=1.0, tau_mode="percent"), ValueError, r"Invalid tau_mode: 'percent'"),
+    ("unknown_impl", dict(tau=1.0, impl="cuda"), ValueError, r"Invalid impl: 'cuda'"),
+    ("matcher_bad_type", dict(tau=1.0, matcher=42), TypeError, r"matcher"),
+    ("matcher_and_components", lambda m, inner: GradESOptimizer(
+        inner, model=m, tau=1.0, matcher="q_proj", components={"q": m.model.layers[0].self_attn.q_proj}),
+     ValueError, r"Invalid matcher: give either components= or matcher=, not both"),
+    ("inner_not_an_optimizer", lambda m, inner: GradESOptimizer(m.parameters(), model=m, tau=1.0),
+     TypeError, r"Invalid optimizer: expected a torch\.optim\.Optimizer instance, got generator"),
+    ("inner_already_wrapped", lambda m, inner: GradESOptimizer(
+        GradESOptimizer(torch.optim.SGD(m.parameters()), model=m, tau=1.0), model=m, tau=1.0),
+     TypeError, r"Invalid optimizer: it is already a GradESOptimizer"),
+    ("inner_lbfgs", lambda m, inner: GradESOptimizer(torch.optim.LBFGS(m.parameters()), model=m, tau=1.0),
+     TypeError, r"LBFGS re-evaluates the closure"),
+    ("no_model_no_components", lambda m, inner: GradESOptimizer(inner, tau=1.0), ValueError,
+     r"GradESOptimizer needs model= .* or components="),
+    ("model_not_a_module", lambda m, inner: GradESOptimizer(inner, model=m.state_dict(), tau=1.0),
+     TypeError, r"Invalid model: expected a torch\.nn\.Module, got OrderedDict"),
+    ("model_without_projections", lambda m, inner: GradESOptimizer(inner, model=nn.Linear(3, 3), tau=1.0),
+     ValueError, r"(?s)Linear.*matcher=.*components="),
+    ("components_not_in_optimizer", lambda m, inner: GradESOptimizer(
+        torch.optim.AdamW(m.model.layers[0].parameters()), model=m, tau=1.0),
+     ValueError, r"the optimizer does not hold 8 trainable parameter\(s\) of the components, e\.g\. model\.layers\.1"),
+    ("param_in_two_components", lambda m, inner: GradESOptimizer(
+        inner, tau=1.0, components={"a": m.model.layers[0].mlp.up_proj, "b": [m.model.layers[0].mlp.up_proj.weight]}),
+     ValueError, r"in both 'a' and 'b'"),
+    ("empty_components", lambda m, inner: GradESOptimizer(inner, tau=1.0, components={}), ValueError, r"components"),
+]
+
+
+@pytest.mark.parametrize("case", CONSTRUCTOR_CASES, ids=[c[0] for c in CONSTRUCTOR_CASES])
+def test_constructor_faults_change_nothing(case):
+    _, how, exc, message = case
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    inject(model, 0)
+    inner.step()
+    before = snapshot(model, inner)
+    with pytest.raises(exc, match=message):
+        how(model, inner) if callable(how) else GradESOptimizer(inner, model=model, **how)
+    assert_unchanged(before, model, inner)
+    assert not any(k.startswith("grades_") for g in inner.param_groups for k in g)
+
+
+def trained(seed=0, **kw):
+    model = make_model(seed=seed, **kw)
+    opt = build(model, tau=0.05)
+    for s in range(3):
+        inject(model, s, {"self_attn": 1e-3})
+        opt.step()
+    return model, opt
+
+
+def file_bytes(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()
+
+
+LOAD_CASES = [
+    ("another_model_shape", lambda: trained(d=12)[1].state_dict(), ValueError,
+     r"state_dict is from a different parameter layout: param_groups\[0\]\['grades_numel'\]"),
+    ("another_depth", lambda: trained(n_layers=1)[1].state_dict(), ValueError,
+     r"state_dict param_groups\[0\] has 14 params, this optimizer's has 24: a different parameter layout"),
+    ("another_parameter_order", lambda: _reordered(), ValueError,
+     r"state_dict is from a different parameter layout: param_groups\[0\]\['grades_cid'\]"),
+    ("another_group_count", lambda: _two_groups(), ValueError, r"state_dict has 2 param groups, this optimizer has 1"),
+    ("another_optimizer_class", lambda: _sgd_state(), ValueError,
+     r"state_dict comes from a different optimizer class \(its param_groups lack 'betas'"),
+    ("not_a_state_dict", lambda: {"model": 1}, ValueError, r"Invalid state_dict: expected an optimizer state dict"),
+    ("not_a_dict", lambda: [1, 2], ValueError, r"Invalid state_dict: .* got list"),
+]
+
+
+def _reordered():
+    model = make_model()
+    params = list(model.parameters())
+    opt = GradESOptimizer(torch.optim.AdamW(params[::-1], lr=1e-2), model=model, tau=0.05)
+    return opt.state_dict()
+
+
+def _two_groups():
+    model = make_model()
+    params = list(model.parameters())
+    inner = torch.optim.AdamW([{"params": params[:10]}, {"params": params[10:]}], lr=1e-2)
+    return GradESOptimizer(inner, model=model, tau=0.05).state_dict()
+
+
+def _sgd_state():
+    model = make_model()
+    opt = GradESOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), model=model, tau=0.05)
+    inject(model, 0)
+    opt.step()
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize("case", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
+def test_load_faults_change_nothing(case):
+    _, make_sd, exc, message = case
+    model, opt = trained()
+    before = snapshot(model, opt.optimizer)
+    frozen, step = [c.frozen_at_step for c in opt.components], opt.step_count
+    with pytest.raises(exc, match=message):
+        opt.load_state_dict(make_sd())
+    assert_unchanged(before, model, opt.optimizer)
+    assert [c.frozen_at_step for c in opt.components] == frozen and opt.step_count == step
+
+
+def test_truncated_checkpoint_file_fails_before_anything_is_loaded(tmp_path):
+    model, opt = trained()
+    path = tmp_path / "optimizer.pt"
+    data = file_bytes(opt.state_dict())
+    path.write_bytes(data[: len(data) // 2])
+    before = snapshot(model, opt.optimizer)
+    # torch's zip reader reports a cut file as OSError(EINVAL) or RuntimeError depending on where
+    with pytest.raises((RuntimeError, OSError)):
+        opt.load_state_dict(torch.load(path, weights_only=True))
+    assert_unchanged(before, model, opt.optimizer)
+
+
+def test_corrupted_checkpoint_bytes_fail_cleanly(tmp_path):
+    model, opt = trained()
+    path = tmp_path / "optimizer.pt"
+    path.write_bytes(b"not a checkpoint" * 8)
+    before = snapshot(model, opt.optimizer)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        opt.load_state_dict(torch.load(path, weights_only=True))
+    assert_unchanged(before, model, opt.optimizer)
+
+
+def test_grades_state_into_plain_optimizer_and_back_keeps_the_freeze_set():
+    model, opt = trained()
+    sd = torch.load(io.BytesIO(file_bytes(opt.state_dict())), weights_only=True)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    plain.load_state_dict(sd)  # the grades_* keys ride along in the groups
+    rewrapped = GradESOptimizer(plain, model=model, tau=0.05)
+    rewrapped.load_state_dict(plain.state_dict())
+    assert [c.frozen_at_step for c in rewrapped.components] == [c.frozen_at_step for c in opt.components]
+    assert rewrapped.step_count == 3 and any(c.frozen for c in rewrapped.components)
