@@ -144,6 +144,7 @@ class GradESOptimizer(torch.optim.Optimizer):
         self._step = 0
         self.history: list[CheckRecord] = []
         self.released_state_bytes = 0
+        self.nonfinite_readings = 0  # component readings that were NaN/Inf (never count as converged)
         if all(k in g for g in self.param_groups for k in _KEYS) and self._layout_error(self.param_groups) is None:
             self._adopt_groups()  # the inner already carries GradES state (a checkpoint loaded into it)
         self._write_groups()
@@ -229,6 +230,7 @@ class GradESOptimizer(torch.optim.Optimizer):
             "tracked_numel": sum(c.numel for c in self.components),
             "step": self._step,
             "released_state_bytes": self.released_state_bytes,
+            "nonfinite_readings": self.nonfinite_readings,
             "freeze_mode": self.freeze_mode,
             "should_stop": self.should_stop,
         }
@@ -308,6 +310,12 @@ class GradESOptimizer(torch.optim.Optimizer):
                     del st[_PREV_GRAD]
 
     def _check(self, values: list[Optional[float]]) -> None:
+        bad = [comp.name for comp, v in zip(self.components, values)
+               if v is not None and not math.isfinite(v) and not comp.frozen]
+        if bad:  # reported, never read as converged (the rule skips the reading)
+            self.nonfinite_readings += len(bad)
+            logger.warning("GradES step %d: non-finite gradient magnitude for %d component(s) (%s); "
+                           "they are not frozen on this reading", self._step, len(bad), ", ".join(bad[:5]))
         results = decide_all(self._states, values, self._step, self._cfg)
         newly = []
         for c, (comp, (state, value, threshold)) in enumerate(zip(self.components, results)):

@@ -333,14 +333,24 @@ def test_components_without_grad_are_not_measured_nor_frozen():
     assert all(math.isnan(r.metric) for r in opt.history if ".layers.1." in r.component)
 
 
-def test_nan_gradients_never_freeze():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradients_never_freeze_and_are_reported(bad, caplog):
     model = make_model()
-    opt = wrap(model, tau=1e9, inner="sgd_momentum")
+    opt = wrap(model, tau=1e9, inner="sgd_momentum", ema=0.5, tau_mode="relative", grace_steps=1)
     inject(model, 0)
-    model.model.layers[0].self_attn.k_proj.weight.grad[0, 0] = float("nan")
-    opt.step()
+    opt.step()  # grace reading: the relative reference
+    inject(model, 1)
+    model.model.layers[0].self_attn.k_proj.weight.grad[0, 0] = bad
+    with caplog.at_level("WARNING", logger="grades_optim"):
+        opt.step()
     k = next(c for c in opt.components if c.name.endswith("layers.0.self_attn.k_proj"))
     assert not k.frozen and sum(c.frozen for c in opt.components) == 13
+    assert opt.summary()["nonfinite_readings"] == 1 and "layers.0.self_attn.k_proj" in caplog.text
+    state = opt._states[opt.components.index(k)]
+    assert math.isfinite(state.smoothed) and math.isfinite(state.ref_sum)  # EMA/reference not poisoned
+    inject(model, 2)
+    opt.step()
+    assert k.frozen  # a finite reading afterwards is judged normally
 
 
 def test_dcp_style_dry_step_is_not_counted():
