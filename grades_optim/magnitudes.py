@@ -56,13 +56,16 @@ def tensor_sums(tensors: Sequence[torch.Tensor], ord: int, *, impl: str = "torch
 
 def component_magnitudes(tensors: Sequence[torch.Tensor], owners: Sequence[int], n_components: int,
                          ord: int, reduction: str, *, impl: str = "torch", group=None,
-                         others: Optional[Sequence[torch.Tensor]] = None) -> list[Optional[float]]:
+                         others: Optional[Sequence[torch.Tensor]] = None,
+                         sums: Optional[torch.Tensor] = None) -> list[Optional[float]]:
     """Magnitude per component; ``owners[i]`` is the component of ``tensors[i]``.
 
     Components that own no tensor (no gradient this step) come back as ``None``, never 0.0: the
     released GradES code read "not measured" as 0.0 and froze on it. With ``others`` the magnitude
     is that of ``tensors[i] − others[i]`` (gradient or weight deltas). With a process ``group``,
     the per-component sums are agreed over ranks first (see :mod:`grades_optim.distributed`).
+    ``sums`` (fp32, one per tensor, on their device) are per-tensor sums already taken, e.g. by the
+    fused step's pass; the tensors then only supply element counts and devices.
     """
     if len(tensors) != len(owners):
         raise ValueError(f"got {len(owners)} owners for {len(tensors)} tensors")
@@ -79,13 +82,16 @@ def component_magnitudes(tensors: Sequence[torch.Tensor], owners: Sequence[int],
         by_device.setdefault(dist_utils.local(t).device, []).append(i)
     totals = None
     for device, idx in by_device.items():
-        sums = tensor_sums([tensors[i] for i in idx], ord, impl=impl,
-                           others=None if others is None else [others[i] for i in idx])
+        if sums is None:
+            part = tensor_sums([tensors[i] for i in idx], ord, impl=impl,
+                               others=None if others is None else [others[i] for i in idx])
+        else:
+            part = sums if len(idx) == len(tensors) else sums[torch.tensor(idx, device=sums.device)]
         if group is not None:
-            sums = sums * torch.tensor([weights[i] for i in idx], device=sums.device)
-        index = torch.tensor([owners[i] for i in idx], device=sums.device)
-        per_comp = torch.zeros(n_components, dtype=torch.float32, device=sums.device)
-        per_comp.index_add_(0, index, sums)
+            part = part * torch.tensor([weights[i] for i in idx], device=part.device)
+        index = torch.tensor([owners[i] for i in idx], device=part.device)
+        per_comp = torch.zeros(n_components, dtype=torch.float32, device=part.device)
+        per_comp.index_add_(0, index, part)
         totals = per_comp if totals is None else totals + per_comp.to(totals.device)
     if totals is None:  # this rank measured nothing; it still joins the collective
         totals = torch.zeros(n_components, dtype=torch.float32,

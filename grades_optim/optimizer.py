@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
+from . import fused_step
 from . import magnitudes as mag
 from .components import Component, ComponentSpec, components_from_mapping, discover_components
 from .rule import TAU_MODES, ComponentState, RuleConfig, decide_all, should_stop
@@ -91,7 +92,8 @@ class GradESOptimizer(torch.optim.Optimizer):
         max_frozen_ratio: ``should_stop`` once this fraction of components is frozen. Default 1.0.
         freeze_mode: ``"requires_grad"`` (skip + ``requires_grad=False``), ``"skip"`` (never
             touches ``requires_grad``; safe under DDP and compiled graphs) or ``"auto"``.
-        impl: ``"auto"``, ``"torch"`` or ``"triton"`` for the reductions.
+        impl: ``"auto"``, ``"torch"`` or ``"triton"`` for the reductions and, with AdamW/Adam/SGD and
+            a gradient metric, the fused step (``opt.fast_path``/``fast_path_reason`` say which ran).
         record_history: keep one :class:`CheckRecord` per component per check in ``history``.
         process_group: the ranks that must agree on freeze decisions (default: the default group
             when ``torch.distributed`` is initialized); one small all-reduce per check.
@@ -148,6 +150,8 @@ class GradESOptimizer(torch.optim.Optimizer):
         if all(k in g for g in self.param_groups for k in _KEYS) and self._layout_error(self.param_groups) is None:
             self._adopt_groups()  # the inner already carries GradES state (a checkpoint loaded into it)
         self._write_groups()
+        # fast_path / fast_path_reason: which step runs (grades_optim.fused_step decides, per step)
+        self._fused = fused_step.attach(self)
 
     # -- delegation --------------------------------------------------------------------------
     @property
@@ -252,6 +256,20 @@ class GradESOptimizer(torch.optim.Optimizer):
             return loss
         self._step += 1
         check = self._step % self.check_interval == 0
+        fused = self._fused(check) if self._fused is not None else None
+        if fused is not None:  # tracked matrices stepped by the fused kernel, metric from the same pass
+            live, sums = fused
+            values = self._measure([p.grad for _, p in live], live, sums=sums) if check else None
+        else:
+            values = self._reference_step(check)
+        if values is not None:
+            self._check(values)
+        for group in self.param_groups:
+            group["grades_step"] = self._step
+        return loss
+
+    def _reference_step(self, check: bool) -> Optional[list]:
+        """Measure with the torch/Triton reductions, step through the inner optimizer; readings at checks."""
         live = self._live_tracked_with_grad() if check or self.metric == "grad_delta_l1" else []
         values = None
         if check and self.metric in ("grad_l1", "grad_l2"):
@@ -264,11 +282,7 @@ class GradESOptimizer(torch.optim.Optimizer):
             values = self._measure([p.detach() for _, p in live], live, before)
         if self.metric == "grad_delta_l1":
             self._keep_prev_grads(live)
-        if values is not None:
-            self._check(values)
-        for group in self.param_groups:
-            group["grades_step"] = self._step
-        return loss
+        return values
 
     def _live_tracked_with_grad(self):
         """(component index, param) of every tracked, unfrozen parameter that has a gradient."""
@@ -286,10 +300,11 @@ class GradESOptimizer(torch.optim.Optimizer):
                     out.append((c, p))
         return out
 
-    def _measure(self, tensors, live, others=None) -> list[Optional[float]]:
+    def _measure(self, tensors, live, others=None, sums=None) -> list[Optional[float]]:
         return mag.component_magnitudes(tensors, [c for c, _ in live], len(self.components),
                                         mag.METRIC_ORD[self.metric], self.reduction, impl=self.impl,
-                                        group=dist_utils.resolve_group(self.process_group), others=others)
+                                        group=dist_utils.resolve_group(self.process_group), others=others,
+                                        sums=sums)
 
     def _measure_grad_delta(self, live):
         have = [(c, p) for c, p in live if _PREV_GRAD in self.state.get(p, {})]
@@ -355,8 +370,8 @@ class GradESOptimizer(torch.optim.Optimizer):
                 if self.freeze_mode == "requires_grad" and p.requires_grad:
                     p.requires_grad_(False)
 
-    def _masked_inner_step(self) -> None:
-        """Run the inner step with frozen parameters taken out of its groups.
+    def _masked_inner_step(self, hide_tracked: bool = False) -> None:
+        """Run the inner step with frozen (or, for the fused path, all tracked) parameters taken out of its groups.
 
         Setting ``grad=None`` is enough for torch optimizers, but optimizers that treat a missing
         gradient as zero would still decay or move a frozen matrix; hiding the parameter is the
@@ -365,7 +380,7 @@ class GradESOptimizer(torch.optim.Optimizer):
         saved = []
         for g, group in enumerate(self.param_groups):
             frozen = [i for i, c in enumerate(group["grades_cid"])
-                      if c >= 0 and self.components[c].frozen]
+                      if c >= 0 and (hide_tracked or self.components[c].frozen)]
             if frozen:
                 saved.append((group, group["params"]))
                 drop = set(frozen)

@@ -14,7 +14,7 @@ import torch
 
 from . import available
 
-__all__ = ["IMPLS", "resolve_impl", "tensor_sums", "tensor_delta_sums", "fused_adamw_step",
+__all__ = ["IMPLS", "resolve_impl", "tensor_sums", "tensor_delta_sums", "fused_adamw_step", "fused_sgd_step", "decide",
            "torch_tensor_sums", "torch_tensor_delta_sums"]
 
 IMPLS = ("auto", "torch", "triton")
@@ -89,15 +89,15 @@ def tensor_delta_sums(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], ord:
 
 
 def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-                     exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], active: Sequence[bool], *,
-                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
-                     maximize: bool = False, impl: str = "auto") -> torch.Tensor:
-    """Masked AdamW/Adam step of the active tensors, in place; Σ|grad| per tensor (0 when inactive).
+                     exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], active, *, lr: float,
+                     beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
+                     maximize: bool = False, ord: int = 1, metric: bool = True, impl: str = "auto"):
+    """Masked AdamW/Adam step of the active tensors, in place; Σ|grad| (or Σgrad², ``ord=2``) per tensor.
 
-    See ``fused_adamw.py`` for the math, the state layout and what is not supported yet.
+    See ``fused_adamw.py`` for the math, the state layout and the flags.
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-                 maximize=maximize)
+                 maximize=maximize, ord=ord, metric=metric)
     if resolve_impl(impl, list(params)) == "torch":
         from .fused_adamw_twin import torch_fused_adamw_step
 
@@ -105,3 +105,36 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
     from . import fused_adamw  # lazy: imports triton
 
     return fused_adamw.fused_adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, active, **hyper)
+
+
+def fused_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list, active, *,
+                   lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+                   nesterov: bool = False, maximize: bool = False, ord: int = 1, metric: bool = True,
+                   impl: str = "auto"):
+    """Masked SGD (momentum) step of the active tensors, in place; the gradient metric per tensor.
+
+    See ``fused_sgd.py``; ``momentum_buffers`` (``None`` = not created yet) is filled in place.
+    """
+    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                 maximize=maximize, ord=ord, metric=metric)
+    if resolve_impl(impl, list(params)) == "torch":
+        from .fused_sgd_twin import torch_fused_sgd_step
+
+        return torch_fused_sgd_step(params, grads, momentum_buffers, active, **hyper)
+    from . import fused_sgd  # lazy: imports triton
+
+    return fused_sgd.fused_sgd_step(params, grads, momentum_buffers, active, **hyper)
+
+
+def decide(sums: torch.Tensor, comp_start: torch.Tensor, comp_count: torch.Tensor, numel: torch.Tensor, state, *,
+           impl: str = "auto", **rule):
+    """The freeze rule on the device (``decide.py``); ``rule``: step, tau, grace_steps, patience, ema, tau_mode,
+    ord, reduction, tensor_active (and ``max_count`` for the kernel)."""
+    if resolve_impl(impl, [sums] if sums.numel() else list(state)) == "torch":
+        from .decide_twin import torch_decide
+
+        rule.pop("max_count", None)
+        return torch_decide(sums, comp_start, comp_count, numel, state, **rule)
+    from . import decide as kernel  # lazy: imports triton
+
+    return kernel.decide(sums, comp_start, comp_count, numel, state, **rule)

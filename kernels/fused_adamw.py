@@ -9,7 +9,8 @@ or Adam with L2 weight decay (``decoupled=False``) update, in fp32, with torch's
     v  = β2·v + (1 − β2)·g²
     p −= (lr / (1 − β1^s)) · m / (sqrt(v) / sqrt(1 − β2^s) + eps)
 
-and, from the gradient already in registers, ``Σ|grad_t|`` (the GradES ``grad_l1`` metric) as one
+and, from the gradient already in registers, ``Σ|grad_t|`` (``ord=1``, the GradES ``grad_l1``
+metric) or ``Σ grad_t²`` (``ord=2``, for ``grad_l2``) as one
 fp32 partial per chunk, reduced per tensor in a fixed order by ``tensor_sums``'s finish kernel.
 Inactive (frozen) tensors: each of their programs writes a zero partial and returns; params,
 grads and moments are not touched. State is torch's: ``exp_avg``, ``exp_avg_sq`` (fp32 tensors)
@@ -24,23 +25,26 @@ rounds, and this way both agree with torch bit for bit. ``sqrt_rn`` / ``div_rn``
 Bytes moved per active element: read p, g, m, v and write p, m, v: 28 B for fp32 params, 22 B for
 bf16/fp16 params; per frozen element 0 (16 B of table read and 4 B written per frozen chunk).
 
-Limits of this first slice: active flags and step counters are host-side (a Python list and
-torch's CPU step tensors; bias corrections are computed on the host and uploaded per call through
-pinned memory), so device-side freeze decisions need the decide kernel and device step counters
-still to come. No amsgrad, capturable, differentiable, or CUDA step tensors: callers fall back to
-the torch path for those.
+Flags and tables: ``active`` is a host sequence (baked into the cached launch table, see
+``step_plan``) or a device int tensor (read by the kernel as is, e.g. written by ``decide``).
+Step counters stay torch's CPU scalars, so bias corrections are computed on the host and uploaded
+per call through pinned memory (no host sync); with device flags the host cannot know which
+tensors the device froze, so it advances every tensor's ``step`` and the caller sets a frozen
+tensor's counter back when it reads the flags. No amsgrad, capturable, differentiable, or CUDA
+step tensors: callers fall back to the torch path for those.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import triton
 import triton.language as tl
 
+from . import step_plan
 from .fused_adamw_twin import _coefficients, _validate, torch_fused_adamw_step
-from .tensor_sums import (_FINISH_BLOCK, _MAX_BLOCK, _NUM_WARPS, DEFAULT_CHUNK_SIZE, _check_chunk, _check_device,
-                          _tensor_sums_finish_kernel, _TL_DTYPES)
+from .tensor_sums import (_MAX_BLOCK, _NUM_WARPS, DEFAULT_CHUNK_SIZE, _check_chunk, _check_device, _chunk_ptr,
+                          _TL_DTYPES, to_device)
 
 __all__ = ["fused_adamw_step", "torch_fused_adamw_step"]
 
@@ -62,6 +66,16 @@ def _adamw_math(p, g, m, v, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
 
 
 @triton.jit
+def _metric_term(g, ORD: tl.constexpr):
+    # The raw gradient, before maximize or weight decay: what the reference path measures.
+    if ORD == 1:
+        r = tl.abs(g)
+    else:
+        r = g * g
+    return r
+
+
+@triton.jit
 def _to_param_dtype(x, P_DTYPE: tl.constexpr):
     if P_DTYPE == tl.bfloat16:
         # Round to nearest even by hand: the interpreter truncates .to(tl.bfloat16) (perf.md §5.1).
@@ -78,7 +92,8 @@ def _to_param_dtype(x, P_DTYPE: tl.constexpr):
 def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_ptr, block_tensor_ptr, block_chunk_ptr,
                         active_ptr, step_size_ptr, bc2_sqrt_ptr, partials_ptr, block_base, decay, one_minus_beta1,
                         beta2, one_minus_beta2, eps, weight_decay, P_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
-                        MAXIMIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                        MAXIMIZE: tl.constexpr, ORD: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                        ALIGNED: tl.constexpr):
     blk = block_base + tl.program_id(0).to(tl.int64)
     t = tl.load(block_tensor_ptr + blk)
     if tl.load(active_ptr + t) == 0:
@@ -86,19 +101,10 @@ def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_pt
         return
     start = tl.load(block_chunk_ptr + blk) * CHUNK
     n = tl.minimum(tl.load(numel_ptr + t) - start, CHUNK)
-    p_ptr = tl.load(p_addr_ptr + t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(g_addr_ptr + t).to(tl.pointer_type(P_DTYPE))
-    m_ptr = tl.load(m_addr_ptr + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(v_addr_ptr + t).to(tl.pointer_type(tl.float32))
-    if ALIGNED:  # see tensor_sums: int64→pointer casts carry no alignment, loads stay scalar without it
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        v_ptr = tl.multiple_of(v_ptr, 16)
-    p_ptr += start
-    g_ptr += start
-    m_ptr += start
-    v_ptr += start
+    p_ptr = _chunk_ptr(p_addr_ptr, t, start, P_DTYPE, ALIGNED)
+    g_ptr = _chunk_ptr(g_addr_ptr, t, start, P_DTYPE, ALIGNED)
+    m_ptr = _chunk_ptr(m_addr_ptr, t, start, tl.float32, ALIGNED)
+    v_ptr = _chunk_ptr(v_addr_ptr, t, start, tl.float32, ALIGNED)
     step_size = tl.load(step_size_ptr + t)
     bc2_sqrt = tl.load(bc2_sqrt_ptr + t)
     offs = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK), BLOCK), BLOCK)
@@ -107,7 +113,7 @@ def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_pt
     for i in range(0, n_full):
         o = i * BLOCK + offs
         g = tl.load(g_ptr + o).to(tl.float32)
-        acc += tl.abs(g)
+        acc += _metric_term(g, ORD)
         p, m, v = _adamw_math(tl.load(p_ptr + o).to(tl.float32), g, tl.load(m_ptr + o), tl.load(v_ptr + o), decay,
                               one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt,
                               DECOUPLED, MAXIMIZE)
@@ -119,7 +125,7 @@ def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_pt
         o = tail + offs
         mask = o < n
         g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.abs(g)
+        acc += _metric_term(g, ORD)
         p, m, v = _adamw_math(tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32), g,
                               tl.load(m_ptr + o, mask=mask, other=0.0), tl.load(v_ptr + o, mask=mask, other=0.0),
                               decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt,
@@ -131,61 +137,31 @@ def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_pt
 
 
 def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-                     exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], active: Sequence[bool], *,
-                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
-                     maximize: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                     exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
+                     active: Union[Sequence[bool], torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+                     weight_decay: float, decoupled: bool = True, maximize: bool = False, ord: int = 1,
+                     metric: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Optional[torch.Tensor]:
     """One AdamW (or Adam, ``decoupled=False``) step of the active tensors, in place; returns Σ|grad| per tensor.
 
-    The result is fp32, ``[len(params)]``, on the params' device, 0 for inactive tensors. Params,
-    grads and states must be contiguous (they are updated in place through raw addresses).
+    The result is fp32, ``[len(params)]``, on the params' device, 0 for inactive tensors (Σgrad²
+    with ``ord=2``; ``None`` with ``metric=False``, which skips the per-tensor reduction launch).
+    Params, grads and states must be contiguous (they are updated in place through raw addresses).
     """
-    lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active)
+    lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord)
     chunk = _check_chunk(chunk_size)
     n = len(lists[0])
     if n == 0:
-        return torch.zeros(0, dtype=torch.float32)
+        return torch.zeros(0, dtype=torch.float32) if metric else None
     device = _check_device("params", lists[0] + lists[1] + lists[2] + lists[3])
-    for name, xs in zip(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4]):
-        for i, x in enumerate(xs):
-            if not x.is_contiguous():
-                raise ValueError(f"{name}[{i}] is not contiguous; the fused step updates tensors in place")
-    active = [bool(a) for a in active]
-    step_size, bc2_sqrt = _coefficients(lists[4], active, lr, beta1, beta2)
-    numels = [p.numel() for p in lists[0]]
-    counts = [(k + chunk - 1) // chunk for k in numels]
-    # Tables rebuilt per call (grad addresses move with zero_grad(set_to_none=True)); a cache keyed
-    # like tensor_sums' is the GPU follow-up once this path is measured.
-    order: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(lists[0]):
-        order.setdefault(p.dtype, []).append(i)
-    block_tensor, block_chunk, groups, block_start = [], [], [], [0] * n
-    for dt, idx in order.items():
-        base = len(block_tensor)
-        for i in idx:
-            block_start[i] = len(block_tensor)
-            block_tensor += [i] * counts[i]
-            block_chunk += range(counts[i])
-        aligned = all(x[i].data_ptr() % 16 == 0 for x in lists[:4] for i in idx)
-        groups.append((dt, base, len(block_tensor) - base, aligned))
-    ints = torch.tensor([x.data_ptr() for xs in lists[:4] for x in xs] + numels + block_tensor + block_chunk
-                        + block_start + counts + [int(a) for a in active], dtype=torch.int64)
-    floats = torch.tensor(step_size + bc2_sqrt, dtype=torch.float32)
-    if device.type == "cuda":  # pinned staging + non_blocking: no stream sync
-        ints = ints.pin_memory().to(device, non_blocking=True)
-        floats = floats.pin_memory().to(device, non_blocking=True)
-    nb = len(block_tensor)
-    (p_addr, g_addr, m_addr, v_addr, numel_t, bt, bc, bs, cnt, act) = torch.split(ints, [n] * 5 + [nb, nb] + [n] * 3)
-    ss, b2 = torch.split(floats, [n, n])
-    out = torch.zeros(n, dtype=torch.float32, device=device)
-    if nb == 0:
-        return out
-    partials = torch.empty(nb, dtype=torch.float32, device=device)
-    for dt, base, count, aligned in groups:
-        if count == 0:
-            continue
-        _fused_adamw_kernel[(count,)](
-            p_addr, g_addr, m_addr, v_addr, numel_t, bt, bc, act, ss, b2, partials, base, 1 - lr * weight_decay,
-            1 - beta1, beta2, 1 - beta2, eps, weight_decay, P_DTYPE=_TL_DTYPES[dt], DECOUPLED=decoupled,
-            MAXIMIZE=maximize, CHUNK=chunk, BLOCK=min(_MAX_BLOCK, chunk), ALIGNED=aligned, num_warps=_NUM_WARPS)
-    _tensor_sums_finish_kernel[(n,)](partials, bs, cnt, out, RBLOCK=_FINISH_BLOCK)
-    return out
+    step_plan.check_contiguous(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4])
+    device_flags = torch.is_tensor(active)
+    host_active = [True] * n if device_flags else [bool(a) for a in active]
+    step_size, bc2_sqrt = _coefficients(lists[4], host_active, lr, beta1, beta2)
+    plan = step_plan.get_plan(lists[:4], None if device_flags else host_active, [0] * n, chunk, device)
+    ss, b2 = to_device(torch.tensor(step_size + bc2_sqrt, dtype=torch.float32), device).split([n, n])
+    flags = active if device_flags else plan.active
+    return step_plan.launch(plan, flags, metric, n, device, lambda g, partials: _fused_adamw_kernel[(g.n_blocks,)](
+        *plan.addrs, plan.numel, plan.block_tensor, plan.block_chunk, flags, ss, b2, partials, g.block_base,
+        1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, P_DTYPE=_TL_DTYPES[g.dtype],
+        DECOUPLED=decoupled, MAXIMIZE=maximize, ORD=ord, CHUNK=chunk, BLOCK=min(_MAX_BLOCK, chunk),
+        ALIGNED=g.aligned, num_warps=_NUM_WARPS))

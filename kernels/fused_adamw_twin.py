@@ -7,7 +7,7 @@ and the path ``dispatch`` takes without Triton.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -30,15 +30,35 @@ def _check_list(name: str, tensors) -> list[torch.Tensor]:
     return list(tensors)
 
 
-def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active):
+def check_flags(active, n: int) -> None:
+    """``active``: ``n`` host truth values, or a 1-D integer/bool tensor of ``n`` device flags."""
+    if torch.is_tensor(active):
+        if active.dim() != 1 or active.dtype.is_floating_point or active.is_complex():
+            raise ValueError(f"active must be a 1-D integer or bool tensor of flags; got {active.dtype} "
+                             f"{tuple(active.shape)}")
+    if len(active) != n:
+        raise ValueError(f"active has {len(active)} flags but params has {n}")
+
+
+def check_ord(ord) -> None:
+    if ord not in (1, 2):
+        raise ValueError(f"Invalid ord: {ord!r}; expected 1 (Σ|grad|) or 2 (Σgrad²)")
+
+
+def host_flags(active) -> list[bool]:
+    """The twins read device flags on the host (the reference may sync; the kernels never do)."""
+    return [bool(a) for a in (active.tolist() if torch.is_tensor(active) else active)]
+
+
+def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord=1):
     lists = [_check_list(name, x) for name, x in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
                                                   ("exp_avg_sqs", exp_avg_sqs), ("steps", steps))]
     n = len(lists[0])
     for name, x in zip(("grads", "exp_avgs", "exp_avg_sqs", "steps"), lists[1:]):
         if len(x) != n:
             raise ValueError(f"{name} has {len(x)} tensors but params has {n}")
-    if len(active) != n:
-        raise ValueError(f"active has {len(active)} flags but params has {n}")
+    check_flags(active, n)
+    check_ord(ord)
     for i in range(n):
         p = lists[0][i]
         if lists[1][i].dtype != p.dtype or lists[1][i].shape != p.shape:
@@ -68,20 +88,22 @@ def _coefficients(steps, active, lr, beta1, beta2):
 
 def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                            exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
-                           steps: Sequence[torch.Tensor], active: Sequence[bool], *, lr: float, beta1: float,
-                           beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
-                           maximize: bool = False, chunk_size: Optional[int] = None) -> torch.Tensor:
+                           steps: Sequence[torch.Tensor], active: Union[Sequence[bool], torch.Tensor], *, lr: float,
+                           beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
+                           maximize: bool = False, ord: int = 1, metric: bool = True,
+                           chunk_size: Optional[int] = None) -> Optional[torch.Tensor]:
     """Torch twin of ``fused_adamw_step`` (same signature; ``chunk_size`` is ignored): fp32 math, RNE stores."""
-    lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active)
-    active = [bool(a) for a in active]
-    step_size, bc2_sqrt = _coefficients(lists[4], active, lr, beta1, beta2)
+    lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord)
+    flags = host_flags(active)
+    # Device flags: the host advances every step counter, like the kernel's launcher (see its doc).
+    step_size, bc2_sqrt = _coefficients(lists[4], [True] * len(flags) if torch.is_tensor(active) else flags,
+                                        lr, beta1, beta2)
     out = []
     for i, (p, g, m, v) in enumerate(zip(*lists[:4])):
-        g32 = g.float()
-        out.append(g32.abs().sum() if active[i] else torch.zeros((), device=p.device))
-        if not active[i]:
+        out.append(metric_sum(g, ord) if flags[i] else torch.zeros((), device=p.device))
+        if not flags[i]:
             continue
-        p32 = p.float()
+        p32, g32 = p.float(), g.float()
         g32 = -g32 if maximize else g32
         if decoupled:
             p32.mul_(1 - lr * weight_decay)
@@ -91,4 +113,15 @@ def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch
         v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
         p32.addcdiv_(m, v.sqrt() / bc2_sqrt[i] + eps, value=-step_size[i])
         p.copy_(p32)  # .copy_ from fp32 rounds to nearest even, like the kernel's store
+    return stack_metric(out, metric)
+
+
+def metric_sum(g: torch.Tensor, ord: int) -> torch.Tensor:
+    g32 = g.float()
+    return g32.abs().sum() if ord == 1 else (g32 * g32).sum()
+
+
+def stack_metric(out: list, metric: bool) -> Optional[torch.Tensor]:
+    if not metric:
+        return None
     return torch.stack(out).float() if out else torch.zeros(0, dtype=torch.float32)

@@ -58,6 +58,17 @@ SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 
 @triton.jit
+def _chunk_ptr(addr_ptr, t, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s address from the table, as a ``DTYPE`` pointer to element ``start``."""
+    ptr = tl.load(addr_ptr + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        # An int64→pointer cast carries no alignment; without this hint loads stay scalar
+        # (perf.md §4). The launcher sets ALIGNED only when every base address is 16-byte aligned.
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr + start
+
+
+@triton.jit
 def _tensor_sums_kernel(a_addr_ptr, b_addr_ptr, numel_ptr, block_tensor_ptr, block_chunk_ptr, partials_ptr,
                         block_base, A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, HAS_B: tl.constexpr,
                         ORD: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
@@ -67,17 +78,9 @@ def _tensor_sums_kernel(a_addr_ptr, b_addr_ptr, numel_ptr, block_tensor_ptr, blo
     # start = chunk index × CHUNK (not a stored offset) so the compiler knows it divides CHUNK.
     start = tl.load(block_chunk_ptr + blk) * CHUNK
     n = tl.minimum(tl.load(numel_ptr + t) - start, CHUNK)
-    a_ptr = tl.load(a_addr_ptr + t).to(tl.pointer_type(A_DTYPE))
-    if ALIGNED:
-        # An int64→pointer cast carries no alignment; without this hint loads stay scalar
-        # (perf.md §4). The launcher sets ALIGNED only when every base address is 16-byte aligned.
-        a_ptr = tl.multiple_of(a_ptr, 16)
-    a_ptr += start
+    a_ptr = _chunk_ptr(a_addr_ptr, t, start, A_DTYPE, ALIGNED)
     if HAS_B:
-        b_ptr = tl.load(b_addr_ptr + t).to(tl.pointer_type(B_DTYPE))
-        if ALIGNED:
-            b_ptr = tl.multiple_of(b_ptr, 16)
-        b_ptr += start
+        b_ptr = _chunk_ptr(b_addr_ptr, t, start, B_DTYPE, ALIGNED)
     offs = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK), BLOCK), BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     n_full = n // BLOCK
@@ -145,46 +148,60 @@ class _Plan(NamedTuple):
 _plans: "OrderedDict[tuple, _Plan]" = OrderedDict()
 
 
-def _build_plan(a: Sequence[torch.Tensor], b: Optional[Sequence[torch.Tensor]], chunk: int,
-                device: torch.device) -> _Plan:
-    n = len(a)
-    numels = torch.tensor([t.numel() for t in a], dtype=torch.int64)
-    counts = (numels + chunk - 1) // chunk
-    order: dict[tuple, list[int]] = {}
+def block_layout(numels: Sequence[int], keys: Sequence, chunk: int):
+    """Cut tensors into ``chunk``-element blocks, grouped by ``keys[i]`` (e.g. dtypes); host tensors.
+
+    Blocks are laid out tensor by tensor in group order, so each group is one contiguous range of
+    programs and each tensor one contiguous range of partials. Returns ``(block_tensor,
+    block_chunk, block_start, counts, groups)`` with ``groups = [(key, block_base, n_blocks, idx)]``.
+    Shared by every block-table kernel (this module and the fused steps).
+    """
+    n = len(numels)
+    counts = (torch.tensor(list(numels), dtype=torch.int64) + chunk - 1) // chunk
+    order: dict = {}
     for i in range(n):
-        order.setdefault((a[i].dtype, b[i].dtype if b is not None else None), []).append(i)
-    groups = []
-    perm = []
-    base = 0
-    for (a_dt, b_dt), idx in order.items():
+        order.setdefault(keys[i], []).append(i)
+    groups, perm, base = [], [], 0
+    for key, idx in order.items():
         nb = int(counts[idx].sum())
-        aligned = all(a[i].data_ptr() % 16 == 0 for i in idx) and (
-            b is None or all(b[i].data_ptr() % 16 == 0 for i in idx))
-        groups.append(_Group(a_dt, b_dt, base, nb, aligned))
+        groups.append((key, base, nb, idx))
         perm.extend(idx)
         base += nb
     perm_t = torch.tensor(perm, dtype=torch.int64)
-    # Blocks are laid out tensor by tensor in group order, so each group is one contiguous range
-    # of programs and each tensor one contiguous range of partials.
     per_perm = counts[perm_t]
     block_tensor = torch.repeat_interleave(perm_t, per_perm)
     starts_perm = torch.cumsum(per_perm, 0) - per_perm
     block_chunk = torch.arange(base, dtype=torch.int64) - torch.repeat_interleave(starts_perm, per_perm)
     block_start = torch.empty(n, dtype=torch.int64)
     block_start[perm_t] = starts_perm
+    return block_tensor, block_chunk, block_start, counts, groups
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Upload a host table without a host sync on CUDA (``torch.tensor(..., device="cuda")`` syncs)."""
+    if device.type != "cuda":
+        return host.to(device)
+    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    pinned.copy_(host)
+    return pinned.to(device, non_blocking=True)
+
+
+def _build_plan(a: Sequence[torch.Tensor], b: Optional[Sequence[torch.Tensor]], chunk: int,
+                device: torch.device) -> _Plan:
+    keys = [(t.dtype, b[i].dtype if b is not None else None) for i, t in enumerate(a)]
+    block_tensor, block_chunk, block_start, counts, layout = block_layout([t.numel() for t in a], keys, chunk)
+    groups = []
+    for (a_dt, b_dt), base, nb, idx in layout:
+        aligned = all(a[i].data_ptr() % 16 == 0 for i in idx) and (
+            b is None or all(b[i].data_ptr() % 16 == 0 for i in idx))
+        groups.append(_Group(a_dt, b_dt, base, nb, aligned))
+    numels = torch.tensor([t.numel() for t in a], dtype=torch.int64)
     a_addr = torch.tensor([t.data_ptr() for t in a], dtype=torch.int64)
     b_addr = torch.tensor([t.data_ptr() for t in b], dtype=torch.int64) if b is not None else a_addr
     parts = (a_addr, b_addr, numels, block_tensor, block_chunk, block_start, counts)
-    host = torch.cat(parts)
-    if device.type == "cuda":
-        # Pinned staging + non_blocking: no stream sync (torch.tensor(..., device="cuda") syncs).
-        pinned = torch.empty(host.numel(), dtype=torch.int64, pin_memory=True)
-        pinned.copy_(host)
-        table = pinned.to(device, non_blocking=True)
-    else:
-        table = host.to(device)
+    table = to_device(torch.cat(parts), device)
     views = torch.split(table, [p.numel() for p in parts])
-    return _Plan(*views, groups=tuple(groups), n_blocks=base)
+    return _Plan(*views, groups=tuple(groups), n_blocks=int(block_tensor.numel()))
 
 
 def _get_plan(a, b, chunk: int, device: torch.device, cacheable: bool) -> _Plan:

@@ -259,16 +259,37 @@ sig = dict.fromkeys(["p_addr_ptr", "g_addr_ptr", "m_addr_ptr", "v_addr_ptr", "nu
                      "block_chunk_ptr", "active_ptr"], "*i64")
 sig.update(step_size_ptr="*fp32", bc2_sqrt_ptr="*fp32", partials_ptr="*fp32", block_base="i64")
 sig.update(dict.fromkeys(["decay", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay"], "fp32"))
-sig.update(dict.fromkeys(["P_DTYPE", "DECOUPLED", "MAXIMIZE", "CHUNK", "BLOCK", "ALIGNED"], "constexpr"))
+sig.update(dict.fromkeys(["P_DTYPE", "DECOUPLED", "MAXIMIZE", "ORD", "CHUNK", "BLOCK", "ALIGNED"], "constexpr"))
 attrs = {(i,): [["tt.divisibility", 16]] for i in range(11)}
 for p_dt in (tl.float32, tl.bfloat16):
     for aligned in (True, False):
-        const = dict(P_DTYPE=p_dt, DECOUPLED=True, MAXIMIZE=False, CHUNK=K.DEFAULT_CHUNK_SIZE, BLOCK=K._MAX_BLOCK,
+        const = dict(P_DTYPE=p_dt, DECOUPLED=True, MAXIMIZE=False, ORD=1, CHUNK=K.DEFAULT_CHUNK_SIZE, BLOCK=K._MAX_BLOCK,
                      ALIGNED=aligned)
         ptx = compile(ASTSource(F._fused_adamw_kernel, sig, const, attrs=attrs), target=target,
                       options={"num_warps": K._NUM_WARPS}).asm["ptx"]
         assert ("st.global.v4.b32" in ptx) == aligned, (p_dt, aligned)
         assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx  # IEEE, like torch; not sqrt.approx
+from grades_optim.kernels import fused_sgd as S
+sig = dict.fromkeys(["p_addr_ptr", "g_addr_ptr", "b_addr_ptr", "numel_ptr", "block_tensor_ptr", "block_chunk_ptr",
+                     "active_ptr", "init_ptr"], "*i64")
+sig.update(partials_ptr="*fp32", block_base="i64")
+sig.update(dict.fromkeys(["lr", "momentum", "one_minus_dampening", "weight_decay"], "fp32"))
+sig.update(dict.fromkeys(["P_DTYPE", "MOMENTUM", "NESTEROV", "MAXIMIZE", "ORD", "CHUNK", "BLOCK", "ALIGNED"], "constexpr"))
+attrs = {(i,): [["tt.divisibility", 16]] for i in range(9)}
+for aligned in (True, False):
+    const = dict(P_DTYPE=tl.float32, MOMENTUM=True, NESTEROV=False, MAXIMIZE=False, ORD=2, CHUNK=K.DEFAULT_CHUNK_SIZE,
+                 BLOCK=K._MAX_BLOCK, ALIGNED=aligned)
+    ptx = compile(ASTSource(S._fused_sgd_kernel, sig, const, attrs=attrs), target=target,
+                  options={"num_warps": K._NUM_WARPS}).asm["ptx"]
+    assert ("st.global.v4.b32" in ptx) == aligned, aligned
+from grades_optim.kernels import decide as D
+sig = {"sums_ptr": "*fp32", "start_ptr": "*i64", "count_ptr": "*i64", "numel_ptr": "*fp64", "frozen_at_ptr": "*i64",
+       "below_ptr": "*i64", "smoothed_ptr": "*fp64", "ref_sum_ptr": "*fp64", "ref_count_ptr": "*i64",
+       "ref_first_ptr": "*fp64", "active_ptr": "*i32", "tensor_active_ptr": "*i32", "metric_ptr": "*fp64",
+       "fscal_ptr": "*fp64", "iscal_ptr": "*i64", "n_comp": "i32", "max_count": "i32"}
+sig.update(dict.fromkeys(["ORD", "MEAN", "EMA", "RELATIVE", "PER_TENSOR", "BLOCK_C"], "constexpr"))
+const = dict(ORD=2, MEAN=True, EMA=True, RELATIVE=True, PER_TENSOR=True, BLOCK_C=D._BLOCK_C)
+compile(ASTSource(D._decide_kernel, sig, const), target=target)
 """
 
 
@@ -391,3 +412,112 @@ def test_torch_paths_never_import_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("momentum, dampening, nesterov, weight_decay, maximize", [
+    (0.9, 0.0, False, 0.01, False), (0.9, 0.0, True, 0.0, True), (0.8, 0.3, False, 0.1, False), (0.0, 0.0, False, 0.1, False)])
+def test_fused_sgd_matches_torch_optim_20_steps(momentum, dampening, nesterov, weight_decay, maximize):
+    from grades_optim.kernels import fused_sgd as S
+
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(37,), (16, 9), (1,), (0,), (300,), (5, 5)]
+    hp = dict(lr=5e-2, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+              maximize=maximize)
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    ref = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.SGD(ref, foreach=False, **hp)
+    bufs = [None] * len(shapes)
+    frozen_at = {1: 8, 5: 0}
+    snapshot = {}
+    for k in range(20):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        active = [k < frozen_at.get(i, 99) for i in range(len(shapes))]
+        for i, a in enumerate(active):
+            if not a and i not in snapshot:
+                snapshot[i] = (params[i].clone(), None if bufs[i] is None else bufs[i].clone())
+            ref[i].grad = grads[i].clone() if a else None
+        opt.step()
+        sq = S.fused_sgd_step(params, grads, bufs, active, ord=2, chunk_size=64, **hp)
+        _close(sq, _ref_sums([g if a else torch.zeros(0) for g, a in zip(grads, active)], 2))
+    for i, r in enumerate(ref):
+        torch.testing.assert_close(params[i], r.detach(), rtol=1e-5, atol=1e-6)
+        want = opt.state.get(r, {}).get("momentum_buffer")
+        assert (bufs[i] is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(bufs[i], want, rtol=1e-5, atol=1e-6)
+    for i, (p0, b0) in snapshot.items():  # frozen: bit-untouched, and no buffer created for a never-live one
+        assert torch.equal(params[i], p0) and (b0 is None or torch.equal(bufs[i], b0))
+    assert bufs[5] is None
+
+
+def test_fused_steps_with_device_flags_and_cached_tables():
+    """Flags given as a device tensor are read by the kernels as is; a steady call rebuilds no table."""
+    from grades_optim.kernels import fused_sgd as S
+    from grades_optim.kernels import step_plan
+
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(100,), (7, 3), (65,)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    twin = [p.clone() for p in params]
+    bufs, twin_bufs = [None] * 3, [None] * 3
+    flags = torch.tensor([1, 0, 1], dtype=torch.int32)
+    for k in range(3):
+        builds = step_plan.stats["builds"]
+        l1 = S.fused_sgd_step(params, grads, bufs, flags, lr=0.1, momentum=0.9, chunk_size=32)
+        want = S.torch_fused_sgd_step(twin, grads, twin_bufs, flags, lr=0.1, momentum=0.9)
+        _close(l1, want.double())
+        if k == 2:  # step 1 builds, step 2 rebuilds (init flags cleared), step 3 is a cache hit
+            assert step_plan.stats["builds"] == builds
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    m, v, st = [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes], [torch.tensor(0.0) for _ in shapes]
+    before = params[1].clone()
+    sq = F.fused_adamw_step(params, grads, m, v, st, flags, ord=2, chunk_size=32, **hp)
+    assert torch.equal(params[1], before) and sq[1] == 0 and torch.equal(m[1], torch.zeros(7, 3))
+    _close(sq, _ref_sums([grads[0], torch.zeros(0), grads[2]], 2))
+    assert F.fused_adamw_step(params, grads, m, v, st, flags, metric=False, chunk_size=32, **hp) is None
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(counts=st.lists(st.integers(0, 3), min_size=1, max_size=6), tau=st.sampled_from([0.3, 0.6]),
+       grace=st.integers(0, 3), patience=st.integers(1, 3), ema=st.sampled_from([0.0, 0.5]),
+       tau_mode=st.sampled_from(["absolute", "relative"]), ord=st.sampled_from([1, 2]),
+       reduction=st.sampled_from(["sum", "mean"]), seed=st.integers(0, 2**31 - 1))
+def test_decide_kernel_and_twin_follow_the_rule(counts, tau, grace, patience, ema, tau_mode, ord, reduction, seed):
+    """The pure rule (grades_optim.rule) is the specification; the host path's metric formula feeds it."""
+    import math
+
+    from grades_optim.kernels import decide as D
+    from grades_optim.rule import ComponentState, RuleConfig, decide_all
+
+    gen = torch.Generator().manual_seed(seed)
+    cfg = RuleConfig(tau=tau, grace_steps=grace, patience=patience, ema=ema, tau_mode=tau_mode)
+    starts = torch.tensor([sum(counts[:i]) for i in range(len(counts))])
+    count_t = torch.tensor(counts)
+    numel = torch.tensor([float(3 * k) for k in counts], dtype=torch.float64)
+    states = [ComponentState() for _ in counts]
+    dev_k, dev_t = D.DecideState.from_rule(states), D.DecideState.from_rule(states)
+    for step in range(1, 9):
+        sums = torch.rand(sum(counts), generator=gen) * 0.7 ** step
+        if sums.numel() and step == 4:
+            sums[0] = float("inf")  # a non-finite reading breaks the streak, never freezes
+        metrics = []
+        for c, k in enumerate(counts):  # what magnitudes.component_magnitudes computes
+            acc = torch.zeros((), dtype=torch.float32)
+            for j in range(k):
+                acc = acc + sums[int(starts[c]) + j]
+            v = float(acc) / (numel[c].item() if reduction == "mean" else 1.0) if k else None
+            metrics.append(None if v is None else (math.sqrt(v) if ord == 2 and v >= 0 else v))
+        states = [s for s, _, _ in decide_all(states, metrics, step, cfg)]
+        rule = dict(step=step, tau=tau, grace_steps=grace, patience=patience, ema=ema, tau_mode=tau_mode, ord=ord,
+                    reduction=reduction)
+        flags_k = torch.full((sums.numel(),), 7, dtype=torch.int32)
+        flags_t = flags_k.clone()
+        got = D.decide(sums, starts, count_t, numel, dev_k, tensor_active=flags_k, max_count=max(counts), **rule)
+        want = D.torch_decide(sums, starts, count_t, numel, dev_t, tensor_active=flags_t, **rule)
+        assert dev_k.to_rule() == states and dev_t.to_rule() == states, step
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(flags_k, flags_t)
+        assert dev_k.active.tolist() == [int(s.frozen_at is None) for s in states]

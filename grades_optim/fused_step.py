@@ -1,0 +1,202 @@
+"""The fused fast path of ``GradESOptimizer.step``: tracked matrices stepped by one Triton pass each.
+
+When it applies. ``impl`` resolves to Triton for the tracked parameters (``"triton"``, or
+``"auto"`` with CUDA tensors), the inner optimizer is exactly ``torch.optim.AdamW`` / ``Adam``
+(decoupled or L2 weight decay, per-group lr/betas/eps/weight_decay, ``maximize``) or
+``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay, ``maximize``; ``fused=True`` is
+replaced by the kernel), and the metric is ``grad_l1`` or ``grad_l2``. Then each step:
+
+1. the live tracked parameters with a gradient are updated by ``kernels.fused_adamw`` /
+   ``kernels.fused_sgd``, one launch per param group and dtype, and the metric's per-tensor sums
+   come out of the same pass (only read at checks);
+2. the inner optimizer's own ``step`` runs for the untracked parameters, the tracked ones hidden
+   from its groups (as ``_masked_inner_step`` hides frozen ones).
+
+Optimizer state stays torch's — ``exp_avg``, ``exp_avg_sq``, ``step`` (a CPU scalar) or
+``momentum_buffer`` — created lazily exactly as torch's ``_init_group`` would, so state dicts move
+freely between this path, the reference path and plain torch optimizers.
+
+Anything else falls back to the reference path (``GradESOptimizer``'s own code), logged once per
+reason and exposed as ``opt.fast_path`` (``None`` or a short description of the path taken) and
+``opt.fast_path_reason``. Reasons are re-checked every step (a scheduler may make ``lr`` a tensor,
+``load_state_dict`` may bring ``amsgrad``), at the cost of a few attribute reads per parameter.
+
+Host syncs. Between checks a fused step does none: launch tables are cached on addresses (a
+rebuild uploads through pinned memory), flags live in the cached table, Adam's bias corrections
+come from torch's CPU ``step`` counters and go up through pinned memory. The freeze rule stays
+on the host (``grades_optim.rule``, the specification): a check brings the readings back once, as
+on the reference path, and frozen matrices simply leave the launch list. ``kernels.decide`` (the
+rule on the device, tested against ``rule``) is what a sync-free check would add; not wired: the
+readings are needed on the host at every check anyway for ``history`` and the rank agreement.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from torch.optim.optimizer import _get_scalar_dtype  # what Adam._init_group uses for `step`
+
+from .kernels import dispatch
+
+__all__ = ["FusedStep", "attach", "static_reason"]
+
+logger = logging.getLogger("grades_optim")
+
+_KINDS = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd"}
+_FUSED_METRICS = {"grad_l1": 1, "grad_l2": 2}
+# Group options the kernels do not implement: any truthy value sends the step to the reference path.
+_UNSUPPORTED = {"adam": ("amsgrad", "capturable", "differentiable", "fused"), "sgd": ("differentiable",)}
+_WHY = {"fused": "keeps `step` on the device (reading it would be a host sync); use fused=False, the GradES "
+                 "kernel fuses the tracked matrices itself"}
+_NUMBERS = {"adam": ("lr", "eps", "weight_decay"), "sgd": ("lr", "momentum", "dampening", "weight_decay")}
+
+
+def _kind(inner) -> Optional[str]:
+    kind = _KINDS.get(type(inner))
+    return "adam" if kind == "adamw" else kind
+
+
+def static_reason(opt) -> Optional[str]:
+    """Why the fused path can never run for this wrapper, or ``None`` if it may (checked per step)."""
+    if opt.impl == "torch":
+        return "impl='torch'"
+    if type(opt.optimizer) not in _KINDS:
+        return (f"inner optimizer {type(opt.optimizer).__name__} has no fused kernel (exactly torch.optim.AdamW, "
+                "Adam or SGD)")
+    if opt.metric not in _FUSED_METRICS:
+        return f"metric={opt.metric!r} is measured by the reference path (fused: grad_l1, grad_l2)"
+    return None
+
+
+def _group_reason(kind: str, group: dict) -> Optional[str]:
+    for key in _UNSUPPORTED[kind]:
+        if group.get(key):
+            return f"{key}=True {_WHY.get(key, 'is not implemented by the fused kernel')}"
+    names = _NUMBERS[kind] + (("betas",) if kind == "adam" else ())
+    values = list(group.get("betas", ())) if kind == "adam" else []
+    values += [group.get(k) for k in _NUMBERS[kind]]
+    if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
+        return f"a tensor (or non-number) among {', '.join(names)} is not supported by the fused kernel"
+    return None
+
+
+def _param_reason(kind: str, p: torch.Tensor, state: dict, device: torch.device) -> Optional[str]:
+    g = p.grad
+    if hasattr(p, "to_local"):
+        return "DTensor (FSDP2) parameters"
+    if p.dtype != torch.float32 or g.dtype != torch.float32:
+        # torch keeps Adam moments / momentum in the param dtype; the kernel wants fp32 states.
+        return f"{p.dtype} parameters or gradients (the fused path takes fp32)"
+    if p.device != device or g.device != device:
+        return "tracked parameters on more than one device"
+    if not (p.is_contiguous() and g.is_contiguous()):
+        return "non-contiguous parameters or gradients"
+    for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+        s = state.get(key)
+        if s is not None and (s.dtype != torch.float32 or not s.is_contiguous() or s.device != device):
+            return f"optimizer state {key!r} that is not a contiguous fp32 tensor on the param's device"
+    step = state.get("step")
+    if kind == "adam" and step is not None and step.device.type != "cpu":
+        return "a `step` tensor on the device (capturable/fused state): reading it would be a host sync"
+    return None
+
+
+def attach(opt) -> Optional["FusedStep"]:
+    """Set ``opt.fast_path``/``fast_path_reason``; the step runner, or ``None`` when it can never run."""
+    reason = static_reason(opt)
+    opt.fast_path, opt.fast_path_reason = None, reason
+    if reason is None:
+        return FusedStep(opt)
+    if opt.impl != "torch":  # an explicit impl='torch' asked for the reference path: nothing to say
+        level = logging.WARNING if opt.impl == "triton" else logging.INFO
+        logger.log(level, "GradES: reference step instead of the fused path: %s", reason)
+    return None
+
+
+class FusedStep:
+    """Runs the fused step for one wrapper; ``None`` from ``__call__`` means: take the reference path."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.kind = _kind(opt.optimizer)
+        self.ord = _FUSED_METRICS[opt.metric]
+        self.description = f"triton fused {type(opt.optimizer).__name__} + {opt.metric} (tracked matrices)"
+        self._logged: set[str] = set()
+
+    def fallback(self, reason: str) -> None:
+        self.opt.fast_path, self.opt.fast_path_reason = None, reason
+        if reason not in self._logged:
+            self._logged.add(reason)
+            level = logging.WARNING if self.opt.impl == "triton" else logging.INFO
+            logger.log(level, "GradES: reference step instead of the fused path: %s", reason)
+
+    def _reason(self, live) -> Optional[str]:
+        opt = self.opt
+        params = [p for _, p in live]
+        if dispatch.resolve_impl(opt.impl, params[:1]) != "triton":
+            return f"impl={opt.impl!r} resolves to torch for {params[0].device} tensors" if params else None
+        for group in opt.param_groups:
+            reason = _group_reason(self.kind, group)
+            if reason:
+                return reason
+        device = params[0].device if params else None
+        for p in params:
+            reason = _param_reason(self.kind, p, opt.state.get(p, {}), device)
+            if reason:
+                return reason
+        return None
+
+    def __call__(self, check: bool):
+        """Step the live tracked params (and the rest through the inner optimizer); ``(live, sums)`` or ``None``."""
+        opt = self.opt
+        live = opt._live_tracked_with_grad()
+        reason = self._reason(live)
+        if reason is not None:
+            self.fallback(reason)
+            return None
+        opt.fast_path, opt.fast_path_reason = self.description, "supported"
+        by_group: dict[int, list] = {}
+        where = {id(p): g for g, group in enumerate(opt.param_groups) for p in group["params"]}
+        for c, p in live:
+            by_group.setdefault(where[id(p)], []).append((c, p))
+        ordered, sums = [], []
+        for g, items in by_group.items():
+            params = [p for _, p in items]
+            run = self._adam if self.kind == "adam" else self._sgd
+            out = run(opt.param_groups[g], params, check)
+            ordered += items
+            sums.append(out)
+        opt._masked_inner_step(hide_tracked=True)
+        return ordered, (torch.cat(sums) if check and sums else None)
+
+    def _adam(self, group: dict, params: list, check: bool):
+        state = self.opt.state
+        for p in params:
+            st = state[p]
+            if len(st) == 0:  # torch's lazy init for non-capturable, non-fused groups (Adam._init_group)
+                st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        sts = [state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        return dispatch.fused_adamw_step(
+            params, [p.grad for p in params], [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
+            [s["step"] for s in sts], [True] * len(params), lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"],
+            decoupled=bool(group.get("decoupled_weight_decay", False)), maximize=bool(group["maximize"]),
+            ord=self.ord, metric=check, impl="triton")
+
+    def _sgd(self, group: dict, params: list, check: bool):
+        state, momentum = self.opt.state, group["momentum"]
+        # Like SGD._init_group: only momentum creates a state entry, and a buffer only on its first step.
+        bufs = [state[p].get("momentum_buffer") for p in params] if momentum != 0 else [None] * len(params)
+        out = dispatch.fused_sgd_step(
+            params, [p.grad for p in params], bufs, [True] * len(params), lr=group["lr"], momentum=momentum,
+            dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]), ord=self.ord, metric=check, impl="triton")
+        if momentum != 0:
+            for p, buf in zip(params, bufs):
+                state[p]["momentum_buffer"] = buf
+        return out

@@ -1,0 +1,281 @@
+"""The fused fast path of GradESOptimizer.step (grades_optim/fused_step.py) against the reference path.
+
+CPU tensors run the real Triton kernels under ``TRITON_INTERPRET=1`` (set by conftest.py). The
+GPU test runs the compiled kernels in a subprocess (this process's triton is interpreted) and
+skips without CUDA; ``test_non_check_steps_read_nothing_back_cpu`` is its CPU counterpart.
+"""
+import copy
+import logging
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from grades_optim import GradESOptimizer
+from grades_optim.kernels import step_plan
+from tests.conftest import make_model
+from tests.test_optimizer import NEVER, inject
+
+INNERS = {
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "adam_l2_maximize": lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.8, 0.95), weight_decay=0.05, maximize=True),
+    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=5e-2, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "sgd_nesterov": lambda ps: torch.optim.SGD(ps, lr=5e-2, momentum=0.9, nesterov=True),
+}
+RULE = dict(tau=0.3, tau_mode="relative", grace_steps=2, patience=2)
+
+
+def _scales(step):
+    """Attention gradients collapse from step 3, layer 0's MLP ones from step 10: two freeze waves mid-run."""
+    out = {}
+    if step >= 3:
+        out["self_attn"] = 1e-3
+    if step >= 10:
+        out["layers.0.mlp"] = 1e-3
+    return out
+
+
+def _run(inner, impl, steps=20, metric="grad_l1", **kw):
+    model = make_model()
+    opt = GradESOptimizer(INNERS[inner](model.parameters()), model=model, impl=impl, metric=metric,
+                          **{**RULE, **kw})
+    frozen_snap = {}
+    for s in range(steps):
+        inject(model, s, _scales(s))
+        opt.step()
+        for comp in opt.components:
+            if comp.frozen and comp.name not in frozen_snap:
+                frozen_snap[comp.name] = [opt.param_groups[g]["params"][i].detach().clone() for g, i in comp.positions]
+    return model, opt, frozen_snap
+
+
+def _assert_same_history(ref, fast, since=0):
+    assert [c.frozen_at_step for c in fast.components] == [c.frozen_at_step for c in ref.components]
+    ref_h, fast_h = ([r for r in o.history if r.step > since] for o in (ref, fast))
+    assert len(fast_h) == len(ref_h) > 0
+    for a, b in zip(ref_h, fast_h):
+        assert (a.step, a.component, a.frozen) == (b.step, b.component, b.frozen)
+        assert (math.isnan(a.metric) and math.isnan(b.metric)) or b.metric == pytest.approx(a.metric, rel=1e-5)
+
+
+@pytest.mark.parametrize("inner, metric", [("adamw", "grad_l1"), ("adam_l2_maximize", "grad_l2"),
+                                           ("sgd_momentum", "grad_l1"), ("sgd_nesterov", "grad_l2")])
+def test_fused_path_matches_reference_path(inner, metric):
+    ref_model, ref, _ = _run(inner, "torch", metric=metric)
+    model, fast, snaps = _run(inner, "triton", metric=metric)
+    assert ref.fast_path is None and fast.fast_path.startswith("triton fused"), fast.fast_path_reason
+    _assert_same_history(ref, fast)
+    frozen_at = [c.frozen_at_step for c in ref.components]
+    assert {3 < s < 10 for s in frozen_at if s} == {True, False}, frozen_at  # both waves froze mid-run
+    assert any(s is None for s in frozen_at)
+    for (name, a), b in zip(ref_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    for comp in fast.components:  # frozen matrices: bit-untouched since their freeze, state released
+        if comp.frozen:
+            for (g, i), snap in zip(comp.positions, snaps[comp.name]):
+                p = fast.param_groups[g]["params"][i]
+                assert torch.equal(p, snap) and p.grad is None and not p.requires_grad
+                assert all(v.numel() <= 1 for v in fast.state.get(p, {}).values())
+    assert fast.released_state_bytes == ref.released_state_bytes > 0
+    for p_ref, p in zip(ref_model.parameters(), model.parameters()):  # same state keys, dtypes, devices
+        st_ref, st = ref.state.get(p_ref, {}), fast.state.get(p, {})
+        assert st.keys() == st_ref.keys()
+        for key in st:
+            assert (st[key].dtype, st[key].device, st[key].shape) == (st_ref[key].dtype, st_ref[key].device,
+                                                                      st_ref[key].shape)
+            torch.testing.assert_close(st[key], st_ref[key], rtol=1e-5, atol=1e-6)
+
+
+def _continue(model, opt, start, stop):
+    for s in range(start, stop):
+        inject(model, s, _scales(s))
+        opt.step()
+
+
+@pytest.mark.parametrize("inner", ["adamw", "sgd_momentum"])
+def test_state_dicts_move_between_fused_reference_and_plain_torch(inner):
+    # Fused for 7 steps (the attention matrices freeze at 5), then the same state continues three
+    # ways: fused, reference wrapper, and (nothing frozen) a plain torch optimizer on a copy.
+    model, fast, _ = _run(inner, "triton", steps=7)
+    assert any(c.frozen for c in fast.components)
+    sd = copy.deepcopy(fast.state_dict())
+    ref_model = make_model()  # a fresh build (a deepcopy would carry requires_grad=False of the frozen)
+    ref_model.load_state_dict(model.state_dict())
+    ref = GradESOptimizer(INNERS[inner](ref_model.parameters()), model=ref_model, impl="torch", **RULE)
+    ref.load_state_dict(sd)
+    assert [c.frozen_at_step for c in ref.components] == [c.frozen_at_step for c in fast.components]
+    _continue(model, fast, 7, 14)
+    _continue(ref_model, ref, 7, 14)
+    _assert_same_history(ref, fast, since=7)  # history is a log, not state: it does not travel
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+    # plain torch <-> fused, nothing frozen: 4 steps in one, 4 more in the other, against 8 plain ones
+    models = [make_model() for _ in range(3)]
+    plain_all = INNERS[inner](models[0].parameters())
+    plain_first = INNERS[inner](models[1].parameters())
+    fused = GradESOptimizer(INNERS[inner](models[2].parameters()), model=models[2], impl="triton", tau=NEVER)
+    for s in range(8):
+        for m, o in ((models[0], plain_all), (models[1], plain_first) if s < 4 else (models[2], fused)):
+            inject(m, s)
+            o.step()
+        if s == 3:
+            models[2].load_state_dict(models[1].state_dict())
+            fused.load_state_dict(plain_first.state_dict())
+    assert fused.fast_path is not None
+    for a, b in zip(models[0].parameters(), models[2].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    back = INNERS[inner](models[2].parameters())
+    back.load_state_dict(fused.state_dict())  # and the fused state loads into plain torch
+    for p in models[2].parameters():
+        for key, v in fused.state[p].items():
+            torch.testing.assert_close(back.state[p][key], v)
+
+
+def _fallback_case(case):
+    model = make_model()
+    ps, kw = model.parameters(), {}
+    inner = {
+        "amsgrad": lambda: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True),
+        "adam_fused": lambda: torch.optim.Adam(ps, lr=1e-2, fused=True),
+        "foreign": lambda: torch.optim.RMSprop(ps, lr=1e-3),
+        "metric": lambda: torch.optim.AdamW(ps, lr=1e-2),
+        "lr_tensor": lambda: torch.optim.AdamW(ps, lr=torch.tensor(1e-2)),
+        "bf16": lambda: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    }[case]()
+    if case == "metric":
+        kw["metric"] = "grad_delta_l1"
+    if case == "bf16":
+        model.to(torch.bfloat16)
+    return model, GradESOptimizer(inner, model=model, impl="triton", **RULE, **kw)
+
+
+@pytest.mark.parametrize("case, words", [("amsgrad", "amsgrad=True"), ("adam_fused", "fused=True"),
+                                         ("foreign", "RMSprop has no fused kernel"),
+                                         ("metric", "grad_delta_l1"), ("lr_tensor", "tensor"),
+                                         ("bf16", "bfloat16")])
+def test_unsupported_options_fall_back_logged_once(case, words, caplog):
+    caplog.set_level(logging.INFO, logger="grades_optim")
+    model, opt = _fallback_case(case)
+    for s in range(4):
+        if case == "bf16":
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) if p.requires_grad else None
+        else:
+            inject(model, s)
+        opt.step()
+    assert opt.fast_path is None and words in opt.fast_path_reason
+    logged = [r for r in caplog.records if "instead of the fused path" in r.getMessage()]
+    assert len(logged) == 1 and words in logged[0].getMessage(), [r.getMessage() for r in logged]
+    assert logged[0].levelno == logging.WARNING  # impl="triton" was asked for explicitly
+
+
+def test_auto_on_cpu_takes_the_reference_path(caplog):
+    caplog.set_level(logging.INFO, logger="grades_optim")
+    model = make_model()
+    opt = GradESOptimizer(torch.optim.AdamW(model.parameters()), model=model, tau=NEVER)  # impl="auto"
+    for s in range(2):
+        inject(model, s)
+        opt.step()
+    assert opt.fast_path is None and "resolves to torch for cpu" in opt.fast_path_reason
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _host_reads(monkeypatch, allowed_ids):
+    """Count tensor → Python reads outside triton (the interpreter stands in for the device)."""
+    calls = []
+
+    def counting(name):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if id(self) not in allowed_ids and not caller.startswith(("triton", "numpy")):
+                calls.append((name, caller, tuple(self.shape)))
+            return orig(self, *a, **k)
+        return wrapper
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    return calls
+
+
+def test_non_check_steps_read_nothing_back_cpu(monkeypatch):
+    """CPU counterpart of the CUDA sync-debug test: between checks no tensor is read on the host
+    (torch's CPU ``step`` counters excepted: that is where torch keeps them) and no table is rebuilt."""
+    model = make_model()
+    opt = GradESOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, impl="triton",
+                          check_interval=4, **RULE)
+    grads = {}
+    for s in range(8):  # warm-up: state created, tables built, two checks
+        inject(model, s)
+        for n, p in model.named_parameters():  # write in place: stable grad addresses, like the allocator's
+            grads.setdefault(n, p.grad)
+            grads[n].copy_(p.grad)
+            p.grad = grads[n]
+        opt.step()
+    builds = step_plan.stats["builds"]
+    steps = {id(st["step"]) for st in opt.state.values() if "step" in st}
+    calls = _host_reads(monkeypatch, steps)
+    for s in range(8, 11):  # steps 9, 10, 11: no check
+        for p in model.parameters():
+            p.grad.mul_(0.5)
+        opt.step()
+    monkeypatch.undo()
+    assert opt.fast_path is not None
+    assert calls == []
+    assert step_plan.stats["builds"] == builds, "a non-check step rebuilt a launch table"
+    opt.step()  # step 12 is a check: its one read-back is allowed
+    assert len(opt.history) == 3 * len(opt.components)
+
+
+_CUDA_SCRIPT = r"""
+import torch
+from grades_optim import GradESOptimizer
+from grades_optim.kernels import tensor_sums
+from tests.conftest import make_model
+assert not tensor_sums.INTERPRETED
+dev = torch.device("cuda")
+runs = {}
+for impl in ("torch", "auto"):
+    model = make_model().to(dev)
+    opt = GradESOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), model=model, impl=impl,
+                          tau=0.3, tau_mode="relative", grace_steps=2, patience=2, check_interval=4)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    grads = [[torch.randn(p.shape, generator=gen, device=dev) * (1e-3 if s >= 3 and "self_attn" in n else 1.0)
+              for n, p in model.named_parameters()] for s in range(16)]
+    torch.cuda.synchronize()
+    for s in range(16):
+        for p, g in zip(model.parameters(), grads[s]):
+            p.grad = g if p.requires_grad else None
+        check = (s + 1) % 4 == 0
+        if impl == "auto" and s >= 8 and not check:
+            torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    runs[impl] = (model, opt)
+(ref_m, ref), (m, fast) = runs["torch"], runs["auto"]
+assert fast.fast_path is not None, fast.fast_path_reason
+assert [c.frozen_at_step for c in fast.components] == [c.frozen_at_step for c in ref.components]
+assert any(c.frozen for c in fast.components)
+for a, b in zip(ref_m.parameters(), m.parameters()):
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU; test_non_check_steps_read_nothing_back_cpu is the CPU counterpart")
+def test_cuda_non_check_steps_do_not_sync():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["GRADES_KERNELS_COMPILED"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _CUDA_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
