@@ -28,3 +28,17 @@ def test_bench_tensor_sums_quick(tmp_path):
     assert all(float(r["y_50"]) > 0 for r in rows)
     md = (tmp_path / "bench_tensor_sums_quick.md").read_text()
     assert "torch " in md and "| set |" in md
+
+
+def test_bench_fused_step_quick(tmp_path):
+    proc = _run_quick("bench_fused_step.py", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # includes the kernel-vs-torch gate
+    with (tmp_path / "bench_fused_step_quick.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    steps = [r for r in rows if r["kernel_name"] == "adamw_step" and r["metric_name"] == "time"]
+    assert {r["provider"] for r in steps} == {"torch-fused", "grades-fused"}
+    assert {r["model_set"] for r in steps} == {"qwen3-0.6b", "qwen2.5-1.5b"}
+    assert {round(float(r["frozen_pct"]), 1) for r in steps} == {0.0, 50.0, 87.5}
+    assert any(r["kernel_name"] == "copy" for r in rows) and all(float(r["y_50"]) > 0 for r in rows)
+    md = (tmp_path / "bench_fused_step_quick.md").read_text()
+    assert "torch " in md and "| set | frozen (bytes) |" in md
