@@ -27,7 +27,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="planned optimizer steps")
     parser.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
-    parser.add_argument("--tau", type=float, default=0.5, help="relative threshold (fraction of the grace-period level)")
+    parser.add_argument("--tau", type=float, default=0.5,
+                        help="relative threshold (fraction of the grace-period level)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -12,7 +12,9 @@ LIMIT_S = 240  # generous: a few seconds alone, but CI machines may be loaded
 
 def run_example(name, *args):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               # tiny models: one intra-op thread avoids OpenMP spin-waiting on a loaded machine
+               OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=LIMIT_S)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -38,6 +38,16 @@ GRADES = dict(tau=TAU, tau_mode="relative", metric="weight_delta_l1")
 FIGURES = ("grades_frozen", "grades_tracked", "grades_frozen_ratio", "grades_step")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on a loaded CI machine the OpenMP workers
+    spin-wait and make these tests several times slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _llama():
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -325,3 +335,25 @@ def test_bad_arguments_name_the_argument(tmp_path):
         GradESCallback(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(TypeError, match="trainer"):
         add_grades_callback(object())
+
+
+def test_resuming_a_run_gradES_already_ended(tmp_path):
+    """The final checkpoint of a GradES-stopped run: full fine-tuning stops after the one step
+    Trainer always takes (projection matrices untouched); LoRA-only has nothing trainable left
+    and gets a clear error instead of autograd's "does not require grad"."""
+    trainer, opt, _, _ = train("gpt2", tmp_path / "a", args_kw={"save_steps": 100})
+    stop = trainer.state.global_step
+    final = str(tmp_path / "a" / f"checkpoint-{stop}")
+    trainer_b, opt_b, watch_b, cb_b = train("gpt2", tmp_path / "b", resume=final, args_kw={"save_steps": 100})
+    assert trainer_b.state.global_step == stop + 1 and cb_b.stopped_at_step == stop + 1
+    assert opt_b.step_count == stop + 1 and all(c.frozen_at_step <= stop for c in opt_b.components)
+    a, b = final_params(trainer.model), final_params(trainer_b.model)
+    for comp in opt.components:
+        for name in comp.param_names:
+            assert torch.equal(a[name], b[name]), name
+
+    lora_grades = {**GRADES, "grace_steps": 2}
+    trainer, _, _, _ = train("llama", tmp_path / "c", lora=True, args_kw={"save_steps": 100}, grades=lora_grades)
+    final = str(tmp_path / "c" / f"checkpoint-{trainer.state.global_step}")
+    with pytest.raises(RuntimeError, match="nothing to resume"):
+        train("llama", tmp_path / "d", lora=True, resume=final, args_kw={"save_steps": 100}, grades=lora_grades)

@@ -25,6 +25,16 @@ GRADES = dict(tau=TAU, tau_mode="relative", metric="weight_delta_l1")
 FIGURES = ("grades/frozen", "grades/tracked", "grades/frozen_ratio", "grades/step", "grades/mag_attention")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on a loaded CI machine the OpenMP workers
+    spin-wait and make these tests several times slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Lit(L.LightningModule):
     def __init__(self, grades=None, lr=1e-2):
         super().__init__()
@@ -182,3 +192,15 @@ def test_bad_arguments_name_the_argument():
         grades_optimizer(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), tau=1.0)
     with pytest.raises(TypeError, match="prefix"):
         GradESCallback(prefix=3)
+
+
+def test_resuming_a_fit_gradES_already_ended_takes_no_step(tmp_path):
+    trainer, module, _, _, _ = fit(tmp_path / "a")
+    stop = trainer.global_step
+    last = sorted((tmp_path / "a").glob(f"*step={stop}.ckpt"))
+    assert last, "the epoch-end checkpoint after the GradES stop is missing"
+    trainer_b, module_b, _, cb_b, _ = fit(tmp_path / "b", ckpt_path=str(last[0]))
+    assert trainer_b.global_step == stop and cb_b.stopped_at_step == stop
+    assert module_b.steps_seen == []
+    for (n, a), (_, b) in zip(module.named_parameters(), module_b.named_parameters()):
+        assert torch.equal(a, b), n

@@ -242,24 +242,35 @@ class GradESCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         opt = self._grades(kwargs)
+        self.stopped_at_step = None
         if self.set_total_steps and state.max_steps and state.max_steps > 0:
             if opt.total_steps not in (None, state.max_steps):
                 logger.info("GradES total_steps %s -> %d (Trainer's max_steps)", opt.total_steps, state.max_steps)
             opt.set_total_steps(int(state.max_steps))
         if self.stop_training and opt.should_stop:
-            # Resumed from a checkpoint taken after everything froze: one more step would have no
-            # trainable matrix (with LoRA-only training, backward would even fail).
-            self.stopped_at_step = state.global_step
+            # Resumed from a checkpoint written after GradES ended the run. Trainer has no hook to
+            # stop *before* the next step: it checks should_training_stop only after a step. If
+            # nothing is trainable any more (LoRA-only training, all adapters frozen), that step's
+            # backward would fail with an obscure autograd error, so say what happened instead.
+            model = kwargs.get("model")
+            if model is not None and not any(p.requires_grad for p in model.parameters()):
+                raise RuntimeError(
+                    f"GradES already ended this run at step {state.global_step}: all "
+                    f"{len(opt.components)} tracked matrices are frozen and nothing else is trainable, "
+                    "so there is nothing to resume. Load the model from the checkpoint instead")
+            logger.warning("GradES: resumed run is already fully frozen; Trainer stops after one step "
+                           "(it cannot stop before its first step), which updates only untracked parameters")
             control.should_training_stop = True
             control.should_epoch_stop = True
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if not self.stop_training or control.should_training_stop:
+        if not self.stop_training:
             return control
         opt = self._grades(kwargs)
         if opt.should_stop:
-            self.stopped_at_step = state.global_step
+            if self.stopped_at_step is None:
+                self.stopped_at_step = state.global_step
             logger.info("GradES: all %d tracked matrices frozen, stopping at step %d",
                         len(opt.components), state.global_step)
             control.should_training_stop = True
@@ -287,7 +298,8 @@ class GradESCallback(TrainerCallback):
         return control
 
 
-def add_grades_callback(trainer: Trainer, callback: Optional[GradESCallback] = None, **callback_kwargs) -> GradESCallback:
+def add_grades_callback(trainer: Trainer, callback: Optional[GradESCallback] = None,
+                        **callback_kwargs) -> GradESCallback:
     """Register ``callback`` (or a new ``GradESCallback(**callback_kwargs)``) as the Trainer's
     *first* callback and return it.
 
