@@ -71,6 +71,18 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _require_total_steps(optimizer: GradESOptimizer, args, kwargs) -> None:
+    """Step pre-hook of a wrapper whose ``alpha`` waits for ``total_steps`` (see :func:`_wrap`).
+
+    A module-level function, not a closure, so the wrapper stays picklable/deep-copyable.
+    """
+    if optimizer.total_steps is None:
+        raise RuntimeError(
+            f"GradES alpha={optimizer.alpha} needs total_steps before the first step: add "
+            "GradESCallback to the Trainer (it sets total_steps from state.max_steps) or pass "
+            "total_steps= / grace_steps=")
+
+
 def _wrap(inner: torch.optim.Optimizer, model: nn.Module, grades_kwargs: dict) -> GradESOptimizer:
     """``GradESOptimizer(inner, model=model, **grades_kwargs)``, allowing ``alpha`` without steps.
 
@@ -85,25 +97,16 @@ def _wrap(inner: torch.optim.Optimizer, model: nn.Module, grades_kwargs: dict) -
         raise TypeError("Invalid argument model: the model is given positionally (Trainer passes it)")
     kwargs = dict(grades_kwargs)
     alpha = kwargs.get("alpha", 0.0)
-    deferred = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0 \
-        and kwargs.get("total_steps") is None and not kwargs.get("grace_steps")
+    deferred = (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0
+                and kwargs.get("total_steps") is None and not kwargs.get("grace_steps"))
     if deferred:
+        if not alpha < 1.0:  # checked here: the core never sees this alpha at construction
+            raise ValueError(f"Invalid alpha: {alpha!r}; expected a fraction of total_steps in [0, 1)")
         kwargs["alpha"] = 0.0
     opt = GradESOptimizer(inner, model=model, **kwargs)
     if deferred:
-        if not alpha < 1.0:
-            raise ValueError(f"Invalid alpha: {alpha!r}; expected a fraction of total_steps in [0, 1)")
         opt.alpha = float(alpha)
-
-        def require_total_steps(optimizer, args, kw):
-            if optimizer.total_steps is None:
-                raise RuntimeError(
-                    f"GradES alpha={optimizer.alpha} needs total_steps before the first step: add "
-                    "GradESCallback to the Trainer (it sets total_steps from state.max_steps) or pass "
-                    "total_steps= / grace_steps=")
-            handle.remove()
-
-        handle = opt.register_step_pre_hook(require_total_steps)
+        opt.register_step_pre_hook(_require_total_steps)
     return opt
 
 
