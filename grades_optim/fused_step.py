@@ -36,9 +36,14 @@ from typing import Optional
 
 import torch
 
-from torch.optim.optimizer import _get_scalar_dtype  # what Adam._init_group uses for `step`
 
 from .kernels import dispatch
+
+
+def _scalar_dtype() -> torch.dtype:
+    # Adam._init_group's `step` dtype (torch's private _get_scalar_dtype): float64 only when that
+    # is the default dtype, so state dicts match a plain torch optimizer's exactly.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 __all__ = ["FusedStep", "attach", "static_reason"]
 
@@ -176,7 +181,7 @@ class FusedStep:
         for p in params:
             st = state[p]
             if len(st) == 0:  # torch's lazy init for non-capturable, non-fused groups (Adam._init_group)
-                st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         sts = [state[p] for p in params]

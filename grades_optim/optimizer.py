@@ -19,22 +19,22 @@ import dataclasses
 import logging
 import math
 from collections import OrderedDict
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
 
+from . import construct
 from . import distributed as dist_utils
 from . import fused_step
 from . import magnitudes as mag
-from .components import Component, ComponentSpec, components_from_mapping, discover_components
-from .rule import TAU_MODES, ComponentState, RuleConfig, decide_all, should_stop
+from .components import Component
+from .rule import ComponentState, RuleConfig, decide_all, should_stop
 
 __all__ = ["GradESOptimizer", "CheckRecord"]
 
 logger = logging.getLogger("grades_optim")
 
-FREEZE_MODES = ("auto", "skip", "requires_grad")
 _KEYS = ("grades_step", "grades_cid", "grades_numel", "grades_state")
 _PREV_GRAD = "grades_prev_grad"
 
@@ -54,10 +54,6 @@ class CheckRecord(NamedTuple):
 
 def _nan(x: Optional[float]) -> float:
     return float("nan") if x is None else float(x)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class GradESOptimizer(torch.optim.Optimizer):
@@ -112,6 +108,7 @@ class GradESOptimizer(torch.optim.Optimizer):
     # The wrapper needs unscaled gradients to measure: GradScaler must unscale before step() and
     # skip step() on overflow. Never copy the inner's flag (a fused inner would get scaled grads).
     _step_supports_amp_scaling = False
+    _is_grades_wrapper = True  # construct.validate_inner refuses to wrap a wrapper
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, model: Optional[nn.Module] = None,
                  components=None, matcher=None, tau: float, alpha: float = 0.0,
@@ -120,8 +117,8 @@ class GradESOptimizer(torch.optim.Optimizer):
                  ema: float = 0.0, tau_mode: str = "absolute", max_frozen_ratio: float = 1.0,
                  freeze_mode: str = "auto", impl: str = "auto", record_history: bool = True,
                  process_group=None):
-        _validate_inner(optimizer)
-        _validate(tau=tau, alpha=alpha, total_steps=total_steps, grace_steps=grace_steps,
+        construct.validate_inner(optimizer)
+        construct.validate(tau=tau, alpha=alpha, total_steps=total_steps, grace_steps=grace_steps,
                   check_interval=check_interval, metric=metric, reduction=reduction,
                   patience=patience, ema=ema, tau_mode=tau_mode, max_frozen_ratio=max_frozen_ratio,
                   freeze_mode=freeze_mode, impl=impl)
@@ -137,10 +134,11 @@ class GradESOptimizer(torch.optim.Optimizer):
         self._grace_steps_arg = grace_steps
         self._cfg = RuleConfig(tau=float(tau), grace_steps=self._resolve_grace(), patience=patience,
                                ema=float(ema), tau_mode=tau_mode)
-        self.impl = _resolve_impl(impl)
+        self.impl = construct.resolve_impl(impl)
         self.process_group = process_group
-        self.components: list[Component] = _resolve(_specs(model, components, matcher, optimizer), optimizer)
-        self.freeze_mode, self.freeze_mode_reason = _resolve_freeze_mode(
+        self.components: list[Component] = construct.resolve_components(
+            construct.specs_for(model, components, matcher, optimizer), optimizer)
+        self.freeze_mode, self.freeze_mode_reason = construct.resolve_freeze_mode(
             freeze_mode, model, optimizer, dist_utils.resolve_group(process_group))
         self._states = [ComponentState() for _ in self.components]
         self._step = 0
@@ -218,7 +216,7 @@ class GradESOptimizer(torch.optim.Optimizer):
 
     def set_total_steps(self, total_steps: int) -> None:
         """Set the planned number of steps (e.g. from a trainer) and re-derive the grace period."""
-        if not _is_int(total_steps) or total_steps < 1:
+        if not construct.is_int(total_steps) or total_steps < 1:
             raise ValueError(f"Invalid total_steps: {total_steps!r}; expected an int >= 1")
         self.total_steps = total_steps
         self._cfg = dataclasses.replace(self._cfg, grace_steps=self._resolve_grace())
@@ -525,130 +523,3 @@ def _check_state_dict(state_dict, groups, type_name: str = "optimizer") -> list:
             raise ValueError(f"state_dict param_groups[{g}] has {len(s['params'])} params, this "
                              f"optimizer's has {len(group['params'])}: a different parameter layout")
     return saved
-
-
-def _validate_inner(optimizer) -> None:
-    if isinstance(optimizer, GradESOptimizer):
-        raise TypeError("Invalid optimizer: it is already a GradESOptimizer; wrap the inner optimizer once")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"Invalid optimizer: expected a torch.optim.Optimizer instance, got "
-                        f"{type(optimizer).__name__}; build it first, e.g. torch.optim.AdamW(model.parameters())")
-    if hasattr(optimizer, "gradient_state"):
-        raise TypeError("Invalid optimizer: it is accelerate's AcceleratedOptimizer. Wrap the plain optimizer "
-                        "with GradESOptimizer first, then pass the wrapper to accelerator.prepare")
-    if isinstance(optimizer, torch.optim.LBFGS):
-        raise TypeError("Invalid optimizer: LBFGS re-evaluates the closure several times per step; GradES "
-                        "measures one gradient per step and does not support it")
-
-
-def _validate(*, tau, alpha, total_steps, grace_steps, check_interval, metric, reduction, patience,
-              ema, tau_mode, max_frozen_ratio, freeze_mode, impl) -> None:
-    def real(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-    if not real(tau) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"Invalid tau: {tau!r}; expected a finite number > 0")
-    if not real(alpha) or not 0.0 <= alpha < 1.0:
-        raise ValueError(f"Invalid alpha: {alpha!r}; expected a fraction of total_steps in [0, 1)")
-    if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
-        raise ValueError(f"Invalid total_steps: {total_steps!r}; expected an int >= 1 or None")
-    if alpha > 0 and total_steps is None:
-        raise ValueError(f"Invalid alpha: {alpha} needs total_steps (the grace period is alpha × "
-                         "total_steps); pass total_steps= or use grace_steps= instead")
-    if not _is_int(grace_steps) or grace_steps < 0:
-        raise ValueError(f"Invalid grace_steps: {grace_steps!r}; expected an int >= 0")
-    if alpha > 0 and grace_steps > 0:
-        raise ValueError(f"Invalid grace_steps: {grace_steps} together with alpha={alpha}; give one of them")
-    if not _is_int(check_interval) or check_interval < 1:
-        raise ValueError(f"Invalid check_interval: {check_interval!r}; expected an int >= 1")
-    if not _is_int(patience) or patience < 1:
-        raise ValueError(f"Invalid patience: {patience!r}; expected an int >= 1 (1 = the paper's rule)")
-    if not real(ema) or not 0.0 <= ema < 1.0:
-        raise ValueError(f"Invalid ema: {ema!r}; expected a smoothing factor in [0, 1) (0 disables)")
-    if not real(max_frozen_ratio) or not 0.0 < max_frozen_ratio <= 1.0:
-        raise ValueError(f"Invalid max_frozen_ratio: {max_frozen_ratio!r}; expected a fraction in (0, 1]")
-    for name, value, allowed in (("metric", metric, mag.METRICS), ("reduction", reduction, mag.REDUCTIONS),
-                                 ("tau_mode", tau_mode, TAU_MODES), ("freeze_mode", freeze_mode, FREEZE_MODES),
-                                 ("impl", impl, mag.IMPLS)):
-        if value not in allowed:
-            raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, allowed))}")
-
-
-def _resolve_impl(impl: str) -> str:
-    """``"auto"`` stays: the dispatcher picks Triton per call for CUDA tensors when it can run."""
-    if impl == "triton":
-        from grades_optim import kernels
-
-        reason = kernels.available()
-        if reason is not None:
-            raise ValueError(f"Invalid impl: 'triton' is unavailable: {reason}; use impl='torch' or 'auto'")
-    return impl
-
-
-def _resolve_freeze_mode(freeze_mode: str, model, optimizer, group) -> tuple[str, str]:
-    """Pick how to freeze; the reason is exposed as ``opt.freeze_mode_reason``."""
-    if freeze_mode != "auto":
-        return freeze_mode, "chosen by the user"
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        if model.find_unused_parameters and not getattr(model, "static_graph", False):
-            return "requires_grad", "DDP with find_unused_parameters=True tolerates requires_grad changes"
-        return "skip", ("DDP without find_unused_parameters=True (or with static_graph) breaks when "
-                        "requires_grad changes; frozen matrices are skipped but still get gradients")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if any(dist_utils.is_sharded(p) for p in params):
-        return "requires_grad", "FSDP2 (DTensor) parameters re-sync requires_grad at every all-gather"
-    if group is not None:
-        # The DDP wrapper may be built after the optimizer (HF Trainer, Lightning) where we
-        # cannot see it; toggling requires_grad under its default reducer silently diverges.
-        return "skip", ("torch.distributed is running and no DDP(find_unused_parameters=True) model was "
-                        "given: frozen matrices are skipped but keep requires_grad (pass the DDP model "
-                        "or freeze_mode='requires_grad' if the reducer tolerates it)")
-    return "requires_grad", "single process: requires_grad=False also skips the weight-gradient GEMM"
-
-
-def _specs(model, components, matcher, optimizer) -> list[ComponentSpec]:
-    if components is not None:
-        if matcher is not None:
-            raise ValueError("Invalid matcher: give either components= or matcher=, not both")
-        return components_from_mapping(components, model=model)
-    if model is None:
-        raise ValueError("GradESOptimizer needs model= (to discover projection matrices) or components= "
-                         "(an explicit {name: parameters} mapping)")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
-    # A parameter a previous GradES run froze (requires_grad=False, flagged frozen in the groups the
-    # inner optimizer carries) is still a component: re-wrapping must find the same layout.
-    frozen_before = {id(p) for g in optimizer.param_groups
-                     for p, st in zip(g["params"], g.get("grades_state") or [])
-                     if st is not None and ComponentState(*st).frozen_at is not None}
-    return discover_components(model, matcher, trainable=lambda p: p.requires_grad or id(p) in frozen_before)
-
-
-def _resolve(specs: list[ComponentSpec], optimizer) -> list[Component]:
-    """Pin each component to (group, index) positions in the inner optimizer."""
-    where = {id(p): (g, i) for g, group in enumerate(optimizer.param_groups)
-             for i, p in enumerate(group["params"])}
-    owner: dict[int, str] = {}
-    out, missing = [], []
-    for spec in specs:
-        names, positions, numel = [], [], 0
-        for pname, p in spec.params:
-            if id(p) in owner:
-                raise ValueError(f"Invalid components: parameter {pname} is in both {owner[id(p)]} and {spec.name}")
-            owner[id(p)] = spec.name
-            if id(p) not in where:
-                if p.requires_grad:
-                    missing.append(pname)
-                continue  # e.g. an inactive LoRA adapter the optimizer was not built over
-            names.append(pname)
-            positions.append(where[id(p)])
-            numel += p.numel()
-        if positions:
-            out.append(Component(spec.name, spec.kind, numel, tuple(names), tuple(positions)))
-    if missing:
-        raise ValueError(f"Invalid components: the optimizer does not hold {len(missing)} trainable "
-                         f"parameter(s) of the components, e.g. {', '.join(missing[:3])}. Build the "
-                         "inner optimizer over model.parameters() (or the same parameters)")
-    if not out:
-        raise ValueError("Invalid components: none of the components' parameters is held by the optimizer")
-    return out
