@@ -38,7 +38,7 @@ def validate_inner(optimizer) -> None:
 
 
 def validate(*, tau, alpha, total_steps, grace_steps, check_interval, metric, reduction, patience,
-              ema, tau_mode, max_frozen_ratio, freeze_mode, impl) -> None:
+              ema, tau_mode, max_frozen_ratio, freeze_mode, impl, record_history=True) -> None:
     def real(x):
         return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -61,6 +61,8 @@ def validate(*, tau, alpha, total_steps, grace_steps, check_interval, metric, re
         raise ValueError(f"Invalid patience: {patience!r}; expected an int >= 1 (1 = the paper's rule)")
     if not real(ema) or not 0.0 <= ema < 1.0:
         raise ValueError(f"Invalid ema: {ema!r}; expected a smoothing factor in [0, 1) (0 disables)")
+    if not isinstance(record_history, bool) and not (is_int(record_history) and record_history >= 1):
+        raise ValueError(f"Invalid record_history: {record_history!r}; expected True, False or an int >= 1")
     if not real(max_frozen_ratio) or not 0.0 < max_frozen_ratio <= 1.0:
         raise ValueError(f"Invalid max_frozen_ratio: {max_frozen_ratio!r}; expected a fraction in (0, 1]")
     for name, value, allowed in (("metric", metric, mag.METRICS), ("reduction", reduction, mag.REDUCTIONS),

@@ -90,7 +90,9 @@ class GradESOptimizer(torch.optim.Optimizer):
             touches ``requires_grad``; safe under DDP and compiled graphs) or ``"auto"``.
         impl: ``"auto"``, ``"torch"`` or ``"triton"`` for the reductions and, with AdamW/Adam/SGD and
             a gradient metric, the fused step (``opt.fast_path``/``fast_path_reason`` say which ran).
-        record_history: keep one :class:`CheckRecord` per component per check in ``history``.
+        record_history: keep one :class:`CheckRecord` per component per check in ``history``
+            (``True``), none (``False``), or only about the latest N records (an int: memory stays
+            bounded, ~170 bytes per record). ``last_check`` always holds the latest check's records.
         process_group: the ranks that must agree on freeze decisions (default: the default group
             when ``torch.distributed`` is initialized); one small all-reduce per check.
 
@@ -115,13 +117,13 @@ class GradESOptimizer(torch.optim.Optimizer):
                  total_steps: Optional[int] = None, grace_steps: int = 0, check_interval: int = 1,
                  metric: str = "grad_l1", reduction: str = "mean", patience: int = 1,
                  ema: float = 0.0, tau_mode: str = "absolute", max_frozen_ratio: float = 1.0,
-                 freeze_mode: str = "auto", impl: str = "auto", record_history: bool = True,
+                 freeze_mode: str = "auto", impl: str = "auto", record_history=True,
                  process_group=None):
         construct.validate_inner(optimizer)
         construct.validate(tau=tau, alpha=alpha, total_steps=total_steps, grace_steps=grace_steps,
                   check_interval=check_interval, metric=metric, reduction=reduction,
                   patience=patience, ema=ema, tau_mode=tau_mode, max_frozen_ratio=max_frozen_ratio,
-                  freeze_mode=freeze_mode, impl=impl)
+                  freeze_mode=freeze_mode, impl=impl, record_history=record_history)
         self._inner = optimizer
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
@@ -143,6 +145,7 @@ class GradESOptimizer(torch.optim.Optimizer):
         self._states = [ComponentState() for _ in self.components]
         self._step = 0
         self.history: list[CheckRecord] = []
+        self.last_check: list[CheckRecord] = []  # the live components' records of the latest check
         self.released_state_bytes = 0
         self.nonfinite_readings = 0  # component readings that were NaN/Inf (never count as converged)
         if all(k in g for g in self.param_groups for k in _KEYS) and self._layout_error(self.param_groups) is None:
@@ -330,7 +333,7 @@ class GradESOptimizer(torch.optim.Optimizer):
             logger.warning("GradES step %d: non-finite gradient magnitude for %d component(s) (%s); "
                            "they are not frozen on this reading", self._step, len(bad), ", ".join(bad[:5]))
         results = decide_all(self._states, values, self._step, self._cfg)
-        newly = []
+        newly, records = [], []
         for c, (comp, (state, value, threshold)) in enumerate(zip(self.components, results)):
             if comp.frozen:
                 continue
@@ -338,9 +341,14 @@ class GradESOptimizer(torch.optim.Optimizer):
             if state.frozen_at is not None:
                 comp.frozen_at_step = state.frozen_at
                 newly.append(comp)
-            if self.record_history:
-                self.history.append(CheckRecord(self._step, comp.name, comp.kind, _nan(values[c]),
-                                                _nan(value), _nan(threshold), comp.frozen))
+            records.append(CheckRecord(self._step, comp.name, comp.kind, _nan(values[c]),
+                                       _nan(value), _nan(threshold), comp.frozen))
+        self.last_check = records
+        if self.record_history:
+            self.history.extend(records)
+            limit = self.record_history if construct.is_int(self.record_history) else None
+            if limit is not None and len(self.history) > 2 * limit:  # trim in batches: amortised O(1)
+                del self.history[:-limit]
         if newly:
             for comp in newly:
                 self._freeze(comp)

@@ -527,3 +527,21 @@ def test_explicit_components_mapping():
     inject(model, 0, {"self_attn": 1e-3})
     opt.step()
     assert [c.frozen for c in opt.components] == [True, False] and not opt.should_stop
+
+
+def test_bounded_history_and_last_check():
+    model = make_model()
+    opt = wrap(model, record_history=30)
+    for s in range(10):
+        inject(model, s)
+        opt.step()
+    assert 30 <= len(opt.history) <= 60 and opt.history[-1].step == 10
+    assert [r.component for r in opt.last_check] == [c.name for c in opt.components]
+    assert all(r.step == 10 for r in opt.last_check)
+    quiet_model = make_model()
+    quiet = wrap(quiet_model, record_history=False)
+    inject(quiet_model, 0)
+    quiet.step()
+    assert quiet.history == [] and len(quiet.last_check) == 14
+    with pytest.raises(ValueError, match="Invalid record_history"):
+        wrap(make_model(), record_history=0)

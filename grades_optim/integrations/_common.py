@@ -41,26 +41,21 @@ def find_grades_optimizer(optimizer: Any) -> Optional[GradESOptimizer]:
 
 
 def latest_check(opt: GradESOptimizer) -> tuple[Optional[int], dict[str, float]]:
-    """(step, {kind: mean raw metric}) of the most recent check recorded in ``opt.history``.
+    """(step, {kind: mean raw metric}) of the most recent check (``opt.last_check``).
 
     Frozen components are not measured any more, so the mean is over the components still live
     at that check; readings that were not usable (NaN: no gradient, non-finite) are left out.
     """
-    history = opt.history
-    if not history:
+    records = opt.last_check
+    if not records:
         return None, {}
-    step = history[-1].step
     sums: dict[str, list] = {}
-    # The records of one check are contiguous at the end of the list: walk back until the step
-    # changes instead of scanning the whole history every log call.
-    for rec in reversed(history):
-        if rec.step != step:
-            break
+    for rec in records:
         if math.isfinite(rec.metric):
             acc = sums.setdefault(rec.kind, [0.0, 0])
             acc[0] += rec.metric
             acc[1] += 1
-    return step, {kind: s / n for kind, (s, n) in sums.items()}
+    return records[-1].step, {kind: s / n for kind, (s, n) in sums.items()}
 
 
 def grades_figures(optimizers: Iterable[GradESOptimizer], prefix: str) -> dict[str, float]:
@@ -68,7 +63,7 @@ def grades_figures(optimizers: Iterable[GradESOptimizer], prefix: str) -> dict[s
 
     Keys (with ``prefix`` in front): ``frozen``, ``tracked``, ``frozen_ratio``, ``step`` (the GradES
     step counter) and ``mag_<kind>`` (mean metric per component kind at the latest check; absent
-    before the first check or with ``record_history=False``). With several GradES optimizers the
+    before the first check). With several GradES optimizers the
     counts are summed and the magnitudes averaged over the kinds' components of every optimizer.
     """
     optimizers = list(optimizers)
