@@ -198,3 +198,44 @@ def test_grades_state_into_plain_optimizer_and_back_keeps_the_freeze_set():
     rewrapped.load_state_dict(plain.state_dict())
     assert [c.frozen_at_step for c in rewrapped.components] == [c.frozen_at_step for c in opt.components]
     assert rewrapped.step_count == 3 and any(c.frozen for c in rewrapped.components)
+
+
+# -- numerics ---------------------------------------------------------------------------------
+def test_zero_empty_and_missing_gradients():
+    model = make_model()
+    opt = build(model, tau=1e-6, grace_steps=1)
+    layer0, layer1 = model.model.layers
+    for s in range(3):
+        inject(model, s)
+        for p in layer0.self_attn.q_proj.parameters():
+            if p.grad is not None:
+                p.grad.zero_()  # exactly zero: no learning signal, reads 0.0 and freezes after grace
+        for p in layer1.parameters():
+            p.grad = None  # never receives a gradient: never measured, never frozen
+        opt.step()
+    q0 = next(c for c in opt.components if c.name == "model.layers.0.self_attn.q_proj")
+    assert q0.frozen_at_step == 2
+    assert not any(c.frozen for c in opt.components if ".layers.1." in c.name)
+    assert not opt.should_stop  # a never-measured component keeps training from stopping
+    empty = nn.Parameter(torch.zeros(0, 4))
+    opt_e = GradESOptimizer(torch.optim.SGD([empty], lr=0.1), tau=1.0, components={"empty_proj": empty})
+    empty.grad = torch.zeros_like(empty)
+    opt_e.step()
+    assert opt_e.last_check[0].metric != opt_e.last_check[0].metric  # NaN: an empty matrix is not measured
+    assert not opt_e.components[0].frozen
+
+
+def test_bf16_parameters_measure_in_fp32_and_freeze_bit_identically():
+    model = make_model().to(torch.bfloat16)
+    opt = build(model, tau=0.05)
+    inject(model, 0, {"self_attn": 1e-3})
+    ref = {n: p.grad.float().abs().sum().item() for n, p in model.named_parameters()}
+    opt.step()
+    q = opt.components[0]
+    expected = sum(ref[n] for n in q.param_names) / q.numel
+    assert q.frozen and opt.history[0].metric == pytest.approx(expected, rel=1e-3)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "self_attn" in n}
+    for s in range(1, 4):
+        inject(model, s)
+        opt.step()
+    assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)

@@ -51,7 +51,7 @@ def inject(model, seed, scale=None):
         for key, val in (scale or {}).items():
             if key in name:
                 s = val
-        p.grad = torch.randn(p.shape, generator=g) * s
+        p.grad = (torch.randn(p.shape, generator=g) * s).to(p.dtype)
 
 
 def params_of(model):
