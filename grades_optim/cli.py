@@ -26,20 +26,20 @@ _OVERRIDES = {
 _HELP = {
     "train_size": "use at most N training examples (stratified subset; default 4000)",
     "val_size": "use at most N validation examples", "test_size": "use at most N test examples",
-    "max_length": "truncate texts to N tokens (default 64)", "epochs": "planned epochs (default 3)",
+    "max_length": "truncate texts to N tokens (default 64)", "epochs": "planned epochs (default 2)",
     "max_steps": "planned optimizer steps (overrides --epochs)", "batch_size": "batch size (default 32)",
-    "lr": "AdamW learning rate (default 5e-5)",
+    "lr": "AdamW learning rate (default 5e-5; 1e-4 with --quick)",
     "es_every": "classic-es: validate every N steps (default 25)",
     "es_patience": "classic-es: stop after N validations without improvement (default 3)",
-    "tau": "GradES threshold (default 0.3, a fraction with --tau-mode relative)",
+    "tau": "GradES threshold (default 0.5, a fraction with --tau-mode relative)",
     "tau_mode": "GradES: relative (default) or absolute",
     "alpha": "GradES grace period as a fraction of the planned steps (default 0.3)",
     "grades_patience": "GradES: consecutive checks below threshold before freezing (default 3)",
-    "metric": "GradES metric: grad_l1 (default), grad_l2, grad_delta_l1, weight_delta_l1",
+    "metric": "GradES metric: weight_delta_l1 (default), grad_l1, grad_l2, grad_delta_l1",
     "ema": "GradES EMA smoothing of the metric in [0, 1) (default 0)",
     "check_interval": "GradES: measure every N steps (default 1)",
     "probe_every": "validation-accuracy probe every N steps for the accuracy plot, clock paused "
-                   "(default 25; 0 disables; --quick disables)",
+                   "(default 50; 0 disables; --quick disables)",
     "seed": "seed for the split, the head initialisation, batches and dropout (default 0)",
     "threads": "torch CPU threads (default: all CPUs this process may use)",
 }
@@ -89,11 +89,13 @@ def _config(args):
 
 def _finetune(args) -> int:
     from grades_optim.finetune import run_finetune
-    from grades_optim.report import format_table
+    from grades_optim.report import format_table, freeze_order
 
     payload, out = run_finetune(_config(args))
     print(format_table(payload["methods"]))
-    print(f"\n{payload['context']['line']}")
+    order = freeze_order(payload["methods"])
+    print(f"\n{order}" if order else "")
+    print(payload["context"]["line"])
     print(f"data: {payload['context']['dataset']}, {payload['context']['train']} train / "
           f"{payload['context']['val']} val / {payload['context']['test']} test")
     print(f"report: {out}/ (results.json, history.csv, accuracy.png, components.png); "

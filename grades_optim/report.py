@@ -21,7 +21,7 @@ import math
 import pathlib
 from collections import defaultdict
 
-__all__ = ["HISTORY_FIELDS", "write_results", "write_history", "read_report", "format_table",
+__all__ = ["HISTORY_FIELDS", "write_results", "write_history", "read_report", "format_table", "freeze_order",
            "plot_components", "plot_accuracy", "render"]
 
 logger = logging.getLogger("grades_optim.report")
@@ -83,6 +83,26 @@ def format_table(methods: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def freeze_order(methods: list[dict]) -> str:
+    """One line per method with components: when attention vs MLP matrices froze (mean, median, first)."""
+    lines = []
+    for m in methods:
+        comps = m.get("components") or []
+        if not comps:
+            continue
+        parts = []
+        for kind in sorted({c["kind"] for c in comps}):
+            steps = sorted(c["frozen_at_step"] for c in comps if c["kind"] == kind and c["frozen_at_step"] is not None)
+            n = sum(c["kind"] == kind for c in comps)
+            if steps:
+                parts.append(f"{kind} {len(steps)}/{n} frozen, step mean {sum(steps) / len(steps):.0f} / "
+                             f"median {steps[len(steps) // 2]} / first {steps[0]}")
+            else:
+                parts.append(f"{kind} 0/{n} frozen")
+        lines.append(f"{m['method']} freeze order: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def _pyplot():
     import matplotlib
 
@@ -92,7 +112,8 @@ def _pyplot():
     return plt
 
 
-def plot_components(history: list[dict], path, title: str = "GradES per-component metric") -> bool:
+def plot_components(history: list[dict], path, title: str = "GradES per-component metric",
+                    grace_steps: int = 0) -> bool:
     """Figure-1-style plot; returns False (and writes nothing) when there is no history."""
     if not history:
         return False
@@ -102,6 +123,9 @@ def plot_components(history: list[dict], path, title: str = "GradES per-componen
         series[(r["component"], r["kind"])].append(r)
     relative = len({r["threshold"] for r in history if math.isfinite(r["threshold"])}) > 1
     fig, axes = plt.subplots(2 if relative else 1, 1, figsize=(10, 8 if relative else 5), squeeze=False)
+    for row in axes:
+        if grace_steps:
+            row[0].axvspan(0, grace_steps, color="0.9", zorder=0, label=f"grace period ({grace_steps} steps)")
     ax = axes[0][0]
     for (name, kind), rows in series.items():
         color = KIND_COLORS.get(kind, "tab:gray")
@@ -167,12 +191,22 @@ def plot_accuracy(methods: list[dict], path) -> bool:
     return True
 
 
+def grace_steps(payload: dict) -> int:
+    """The GradES grace period of a saved run, in steps (0 if unknown)."""
+    cfg = payload.get("config") or {}
+    planned = [m.get("planned_steps") for m in payload.get("methods", []) if m.get("method") == "grades"]
+    if not planned or not planned[0] or not isinstance(cfg.get("alpha"), (int, float)):
+        return 0
+    return int(cfg["alpha"] * planned[0])
+
+
 def render(folder, *, plots: bool = True) -> str:
     """Re-render the table (returned) and, with ``plots``, the PNGs of a saved report folder."""
     folder = pathlib.Path(folder)
     payload, history = read_report(folder)
     if plots:
         plot_accuracy(payload["methods"], folder / "accuracy.png")
-        plot_components(history, folder / "components.png")
+        plot_components(history, folder / "components.png", grace_steps=grace_steps(payload))
     context = payload.get("context", {}).get("line", "")
-    return format_table(payload["methods"]) + (f"\n\n{context}" if context else "")
+    order = freeze_order(payload["methods"])
+    return format_table(payload["methods"]) + (f"\n\n{order}" if order else "") + (f"\n{context}" if context else "")

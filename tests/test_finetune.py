@@ -219,7 +219,7 @@ def test_quick_preset_and_flags_override(tmp_path):
     from grades_optim.cli import _config, build_parser
 
     cfg = _config(build_parser().parse_args(["finetune", "--quick", "--epochs", "1", "--probe-every", "0"]))
-    assert cfg.quick and cfg.train_size == 1024 and cfg.epochs == 1.0 and cfg.probe_every is None
+    assert cfg.quick and cfg.train_size == 768 and cfg.epochs == 1.0 and cfg.probe_every is None
     assert cfg.resolved_out() == "runs/finetune-quick"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["finetune", "--bogus"])

@@ -15,7 +15,10 @@ METHODS = [
     {"method": "classic-es", "test_accuracy": 0.79, "wall_seconds": 80.0, "steps": 200, "planned_steps": 300,
      "frozen_ratio": 0.0, "stop_reason": "patience", "curve": []},
     {"method": "grades", "test_accuracy": 0.801, "wall_seconds": 40.0, "steps": 150, "planned_steps": 300,
-     "frozen_ratio": 1.0, "stop_reason": "all frozen"},
+     "frozen_ratio": 1.0, "stop_reason": "all frozen",
+     "components": [{"name": "q", "kind": "attention", "frozen_at_step": 10},
+                    {"name": "k", "kind": "attention", "frozen_at_step": 30},
+                    {"name": "up", "kind": "mlp", "frozen_at_step": None}]},
 ]
 
 
@@ -48,6 +51,12 @@ def test_history_round_trip_and_plots(tmp_path, thresholds):
     assert report.plot_accuracy(payload["methods"], tmp_path / "a.png")
     assert "ctx" in report.render(tmp_path)
     assert (tmp_path / "components.png").exists() and (tmp_path / "accuracy.png").exists()
+
+
+def test_freeze_order_line():
+    line = report.freeze_order(METHODS)
+    assert line == ("grades freeze order: attention 2/2 frozen, step mean 20 / median 30 / first 10; "
+                    "mlp 0/1 frozen")
 
 
 def test_no_history_means_no_component_plot(tmp_path):

@@ -133,7 +133,7 @@ def _write_atomically(out: pathlib.Path, payload: dict, history: list, overwrite
         report.write_results(tmp / "results.json", payload)
         report.write_history(tmp / "history.csv", history)
         report.plot_accuracy(payload["methods"], tmp / "accuracy.png")
-        report.plot_components(history, tmp / "components.png")
+        report.plot_components(history, tmp / "components.png", grace_steps=report.grace_steps(payload))
         check_output_dir(out, overwrite)  # re-check: another process may have written meanwhile
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

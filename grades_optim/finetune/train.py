@@ -158,7 +158,7 @@ def train_method(method: str, model, train: Batches, val: Batches, test: Batches
             wall, val_wall = wall + dt, val_wall + dt
             curve.append([wall, step, acc, vloss])
             bar.set_postfix(val_loss=f"{vloss:.4f}", best=best[2])
-            if since_best >= cfg.es_patience:
+            if since_best >= cfg.es_patience and step < total:
                 stop_reason = f"validation loss did not improve for {cfg.es_patience} checks"
                 break
         elif method != "classic-es" and cfg.probe_every and step % cfg.probe_every == 0:
