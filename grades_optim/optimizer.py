@@ -277,7 +277,14 @@ class GradESOptimizer(torch.optim.Optimizer):
             values = self._measure([p.grad for _, p in live], live)
         elif check and self.metric == "grad_delta_l1":
             values = self._measure_grad_delta(live)
-        before = [p.detach().clone() for _, p in live] if check and self.metric == "weight_delta_l1" else None
+        before = None
+        if check and self.metric == "weight_delta_l1":
+            # A step taken at lr=0 (the first step of a linear warm-up) moves nothing: a weight delta
+            # of exactly 0.0 there is no reading, not convergence.
+            still = {id(p) for g in self.param_groups if g.get("lr") is not None and float(g["lr"]) == 0.0
+                     for p in g["params"]}  # at checks only: reading a GPU lr syncs, as the check does
+            live = [(c, p) for c, p in live if id(p) not in still]
+            before = [p.detach().clone() for _, p in live]
         self._masked_inner_step()
         if before is not None:
             values = self._measure([p.detach() for _, p in live], live, before)

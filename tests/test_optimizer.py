@@ -545,3 +545,21 @@ def test_bounded_history_and_last_check():
     assert quiet.history == [] and len(quiet.last_check) == 14
     with pytest.raises(ValueError, match="Invalid record_history"):
         wrap(make_model(), record_history=0)
+
+
+@pytest.mark.parametrize("tau_mode", ["absolute", "relative"])
+def test_weight_delta_at_zero_lr_is_no_reading(tau_mode):
+    # HF's linear warm-up takes its first step at lr=0: the weights do not move, which must not
+    # read as "converged" (absolute tau) nor become a zero reference (relative tau).
+    model = make_model()
+    opt = GradESOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model=model, tau=1e-3,
+                          tau_mode=tau_mode, metric="weight_delta_l1")
+    inject(model, 0)
+    opt.step()
+    assert not any(c.frozen for c in opt.components)
+    assert all(math.isnan(r.metric) for r in opt.last_check)
+    for g in opt.param_groups:
+        g["lr"] = 0.1
+    inject(model, 1)
+    opt.step()
+    assert all(math.isfinite(r.metric) and r.metric > 0 for r in opt.last_check)
