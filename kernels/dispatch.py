@@ -13,13 +13,12 @@ from typing import Sequence
 import torch
 
 from . import available
+from .checks import SUPPORTED_DTYPES as _TRITON_DTYPES
 
 __all__ = ["IMPLS", "resolve_impl", "tensor_sums", "tensor_delta_sums", "fused_adamw_step", "fused_sgd_step", "decide",
            "torch_tensor_sums", "torch_tensor_delta_sums"]
 
 IMPLS = ("auto", "torch", "triton")
-# Mirrors tensor_sums.SUPPORTED_DTYPES without importing triton.
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -11,23 +11,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .checks import check_tensor_list
+
 __all__ = ["torch_fused_adamw_step"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _check_list(name: str, tensors) -> list[torch.Tensor]:
-    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
-        raise TypeError(f"{name} must be a sequence of tensors, got {type(tensors).__name__}")
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise TypeError(f"{name}[{i}] has layout {t.layout}; only dense (strided) tensors are supported")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected one of "
-                            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
-    return list(tensors)
 
 
 def check_flags(active, n: int) -> None:
@@ -51,7 +38,7 @@ def host_flags(active) -> list[bool]:
 
 
 def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord=1):
-    lists = [_check_list(name, x) for name, x in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
+    lists = [check_tensor_list(name, x) for name, x in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
                                                   ("exp_avg_sqs", exp_avg_sqs), ("steps", steps))]
     n = len(lists[0])
     for name, x in zip(("grads", "exp_avgs", "exp_avg_sqs", "steps"), lists[1:]):

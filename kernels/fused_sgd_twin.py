@@ -10,13 +10,14 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .fused_adamw_twin import _check_list, check_flags, check_ord, host_flags, metric_sum, stack_metric
+from .checks import check_tensor_list
+from .fused_adamw_twin import check_flags, check_ord, host_flags, metric_sum, stack_metric
 
 __all__ = ["torch_fused_sgd_step"]
 
 
 def _validate(params, grads, momentum_buffers, active, ord, momentum, dampening, nesterov):
-    lists = [_check_list(name, x) for name, x in (("params", params), ("grads", grads))]
+    lists = [check_tensor_list(name, x) for name, x in (("params", params), ("grads", grads))]
     n = len(lists[0])
     if len(lists[1]) != n:
         raise ValueError(f"grads has {len(lists[1])} tensors but params has {n}")

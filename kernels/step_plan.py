@@ -55,7 +55,6 @@ def clear() -> None:
 def _build(lists: Sequence[Sequence[torch.Tensor]], active: Sequence[int], init: Sequence[int], chunk: int,
            device: torch.device) -> StepPlan:
     params = lists[0]
-    n = len(params)
     numels = [p.numel() for p in params]
     block_tensor, block_chunk, block_start, counts, layout = block_layout(numels, [p.dtype for p in params], chunk)
     groups = tuple(StepGroup(dt, base, nb, all(xs[i].data_ptr() % 16 == 0 for xs in lists for i in idx))

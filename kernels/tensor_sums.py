@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import SUPPORTED_DTYPES, check_tensor_list
+
 __all__ = ["tensor_sums", "tensor_delta_sums", "INTERPRETED", "DEFAULT_CHUNK_SIZE", "SUPPORTED_DTYPES"]
 
 # Untuned defaults (GPU figures owed): 32K elements per program keeps ≥ 40 waves of programs on
@@ -54,7 +56,6 @@ _FINISH_BLOCK = 128  # partials added per iteration in stage 2 (fixes the summat
 _CACHE_SIZE = 16
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 
 @triton.jit
@@ -221,20 +222,6 @@ def _get_plan(a, b, chunk: int, device: torch.device, cacheable: bool) -> _Plan:
     return plan
 
 
-def _check_list(name: str, tensors) -> list[torch.Tensor]:
-    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
-        raise TypeError(f"{name} must be a sequence of tensors, got {type(tensors).__name__}")
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise TypeError(f"{name}[{i}] has layout {t.layout}; only dense (strided) tensors are supported")
-        if t.dtype not in _TL_DTYPES:
-            raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected one of "
-                            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
-    return list(tensors)
-
-
 def _check_device(name: str, tensors: Sequence[torch.Tensor]) -> torch.device:
     device = tensors[0].device
     for i, t in enumerate(tensors):
@@ -290,7 +277,7 @@ def tensor_sums(tensors: Sequence[torch.Tensor], ord: int, *, chunk_size: int = 
     """
     if ord not in (1, 2):
         raise ValueError(f"Invalid ord: {ord!r}; expected 1 or 2")
-    tensors = _check_list("tensors", tensors)
+    tensors = check_tensor_list("tensors", tensors)
     chunk = _check_chunk(chunk_size)
     if not tensors:
         return torch.zeros(0, dtype=torch.float32)
@@ -306,8 +293,8 @@ def tensor_delta_sums(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], ord:
     """
     if ord not in (1, 2):
         raise ValueError(f"Invalid ord: {ord!r}; expected 1 or 2")
-    a = _check_list("a", a)
-    b = _check_list("b", b)
+    a = check_tensor_list("a", a)
+    b = check_tensor_list("b", b)
     chunk = _check_chunk(chunk_size)
     if len(a) != len(b):
         raise ValueError(f"a has {len(a)} tensors but b has {len(b)}; they pair up by position")

@@ -79,6 +79,16 @@ def make_model(seed=0, **kw):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on a loaded CI machine the OpenMP workers
+    spin-wait and make tests several times slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_model():
     return make_model()
 

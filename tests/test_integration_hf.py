@@ -38,14 +38,7 @@ GRADES = dict(tau=TAU, tau_mode="relative", metric="weight_delta_l1")
 FIGURES = ("grades_frozen", "grades_tracked", "grades_frozen_ratio", "grades_step")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a loaded CI machine the OpenMP workers
-    spin-wait and make these tests several times slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _llama():

@@ -15,14 +15,7 @@ from tests.conftest import batch, make_model
 NEVER = 1e-30  # a tau no gradient reaches
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a loaded CI machine the OpenMP workers
-    spin-wait and make these tests several times slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def expected_metric(opt, comp):
