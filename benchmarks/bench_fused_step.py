@@ -27,18 +27,14 @@ get a ``_quick`` suffix and are not to be committed).
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import os
 import pathlib
-import platform
 import sys
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_tensor_sums import MODEL_SETS, _git_commit, copy_gbps, projection_shapes, time_ms  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import (MODEL_SETS, ROOT, copy_gbps, gpu_or_quick, parse_sets, projection_shapes,  # noqa: E402
+                    run_context, time_ms, write_outputs)
 
 FROZEN = (0.0, 0.5, 0.875)
 SETS = ("qwen3-0.6b", "qwen2.5-1.5b")
@@ -76,12 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (CUDA uses do_bench)")
     args = parser.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.quick:
-        parser.error("full runs need a CUDA GPU; use --quick for a CPU smoke run")
-    device = torch.device("cuda" if cuda else "cpu")
-    if not cuda:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the first triton import: @triton.jit reads it
+    cuda, device = gpu_or_quick(parser, args.quick)
     from grades_optim import kernels
 
     reason = kernels.available(device)
@@ -91,14 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from grades_optim.kernels import fused_adamw as F
 
-    sets = [s for s in args.sets.split(",") if s]
-    for s in sets:
-        if s not in MODEL_SETS:
-            parser.error(f"unknown set {s!r}; choose from {', '.join(MODEL_SETS)}")
-    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})"
-    context = dict(device_name=device_name, torch_version=torch.__version__, triton_version=triton.__version__,
-                   git_commit=_git_commit(), timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
-                       timespec="seconds"), mode="quick" if args.quick else "full", interpreter=int(not cuda))
+    sets = parse_sets(parser, args.sets)
+    context = run_context(device, cuda, args.quick, triton.__version__)
     copy_bytes = (8 << 20) if args.quick else (2 << 30)
     copy = copy_gbps(device, copy_bytes, args.reps)
     rows = [dict(kernel_name="copy", provider="torch.copy_", model_set="-", frozen_pct=0.0, n_tensors=1,
@@ -149,28 +134,21 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.empty_cache()
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "bench_fused_step" + ("_quick" if args.quick else "")
-    csv_path = args.out / f"{stem}.csv"
+    csv_name = f"{stem}.csv"
     fields = ["kernel_name", "provider", "model_set", "frozen_pct", "n_tensors", "n_elements", "live_elements",
               "metric_name", "metric_unit", "y_50", "y_20", "y_80", "device_name", "torch_version", "triton_version",
               "git_commit", "timestamp", "mode", "interpreter"]
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:  # long format, appended run after run
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
     line = (f"{context['device_name']}, torch {context['torch_version']}, triton {context['triton_version']}, "
             f"commit {context['git_commit']}, {context['timestamp']}; fp32 params/grads/moments (randn, seed 0), "
             f"{BYTES_PER_ELEMENT} B per live element; copy {copy[0]:,.0f} GB/s (read+write, {copy_bytes >> 20} MiB "
             "fp32); " + ("TRITON_INTERPRET=1: Triton timings are meaningless; " if not cuda else "")
-            + ("--quick: shapes /32 per side, 8 layers; " if args.quick else "") + f"CSV: {csv_path.name}")
+            + ("--quick: shapes /32 per side, 8 layers; " if args.quick else "") + f"CSV: {csv_name}")
     md = [f"# Fused GradES step vs torch.optim.AdamW(fused=True) ({context['mode']} run)", "", line, "",
           "| set | frozen (bytes) | provider | ms (p50) | live GB/s | % of copy | speed-up vs torch-fused |",
           "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     md += [f"| {s} | {fr:.1f}% | {p} | {ms:.3f} | {g:,.0f} | {pc:.0f}% | {sp:.2f}x |" for s, fr, p, ms, g, pc, sp in table]
-    (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    write_outputs(args.out, stem, fields, rows, md)
     print("\n".join(md))
     return 0
 

@@ -18,7 +18,7 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
+import sys
 import time
 
 import torch
@@ -26,6 +26,8 @@ import torch
 from grades_optim import GradESOptimizer
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import git_commit  # noqa: E402
 
 
 def build_model(quick: bool, seed: int):
@@ -39,15 +41,6 @@ def build_model(quick: bool, seed: int):
         cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                          intermediate_size=1536, max_position_embeddings=512)
     return BertForSequenceClassification(cfg).train(), cfg
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                             text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None) -> dict:

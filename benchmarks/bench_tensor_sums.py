@@ -24,74 +24,14 @@ timings mean nothing); its files get a ``_quick`` suffix and are not to be commi
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import os
 import pathlib
-import platform
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-# (out_features, in_features) per projection, from the models' public config.json files.
-MODEL_SETS = {
-    "qwen3-0.6b": dict(layers=28, hidden=1024, q=16 * 128, kv=8 * 128, inter=3072),
-    "qwen2.5-1.5b": dict(layers=28, hidden=1536, q=12 * 128, kv=2 * 128, inter=8960),
-    "llama3.1-8b": dict(layers=32, hidden=4096, q=32 * 128, kv=8 * 128, inter=14336),
-}
-QUANTILES = [0.5, 0.2, 0.8]
-COPY_BYTES = 2 << 30  # 2 GiB source: far beyond L2 (50-60 MB), so the copy streams from HBM
-
-
-def projection_shapes(cfg: dict, shrink: int = 1, layers: int | None = None) -> list[tuple[int, int]]:
-    h, q, kv, i = (cfg[k] // shrink for k in ("hidden", "q", "kv", "inter"))
-    per_layer = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
-    return per_layer * (layers or cfg["layers"])
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn, device: torch.device, reps: int) -> list[float]:
-    """[p50, p20, p80] milliseconds."""
-    if device.type == "cuda":
-        from triton.testing import do_bench  # flushes L2 between runs and times with CUDA events
-
-        return list(do_bench(fn, quantiles=QUANTILES))
-    fn()  # warm-up (first interpreter call parses the kernel)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return [statistics.median(times), qs[1], qs[7]]
-
-
-def copy_gbps(device: torch.device, nbytes: int, reps: int) -> list[float]:
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, reps)
-    # read + write; p20 of time is p80 of bandwidth, so the order flips.
-    return [2 * nbytes / (m * 1e-3) / 1e9 for m in (ms[0], ms[2], ms[1])]
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    dirty = subprocess.run(["git", "diff", "--quiet", "--", "kernels", "benchmarks"], cwd=ROOT).returncode
-    return out.stdout.strip() + ("-dirty" if dirty else "")
-
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import (COPY_BYTES, MODEL_SETS, ROOT, copy_gbps, gpu_or_quick, parse_sets,  # noqa: E402
+                    projection_shapes, run_context, time_ms, write_outputs)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -102,13 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU (CUDA uses do_bench)")
     args = parser.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.quick:
-        parser.error("full runs need a CUDA GPU; use --quick for a CPU smoke run")
-    device = torch.device("cuda" if cuda else "cpu")
-    if not cuda:
-        # Must precede the first triton import: @triton.jit reads it when it decorates.
-        os.environ["TRITON_INTERPRET"] = "1"
+    cuda, device = gpu_or_quick(parser, args.quick)
     from grades_optim import kernels
     from grades_optim.kernels import dispatch
     from grades_optim.magnitudes import _single_tensor_sums
@@ -124,15 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"triton provider skipped: {reason}", file=sys.stderr)
 
     chunks = [int(c) for c in (args.chunk_sizes or ("4096" if args.quick else "16384,32768,65536")).split(",")]
-    sets = [s for s in args.sets.split(",") if s]
-    for s in sets:
-        if s not in MODEL_SETS:
-            parser.error(f"unknown set {s!r}; choose from {', '.join(MODEL_SETS)}")
-
-    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})"
-    context = dict(device_name=device_name, torch_version=torch.__version__, triton_version=triton_version,
-                   git_commit=_git_commit(), timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
-                       timespec="seconds"), mode="quick" if args.quick else "full", interpreter=int(not cuda))
+    sets = parse_sets(parser, args.sets)
+    context = run_context(device, cuda, args.quick, triton_version)
     copy_bytes = (8 << 20) if args.quick else COPY_BYTES
     copy = copy_gbps(device, copy_bytes, args.reps)
     rows = [dict(kernel_name="copy", provider="torch.copy_", model_set="-", n_tensors=1, n_elements=copy_bytes // 4,
@@ -168,27 +95,20 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.empty_cache()
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "bench_tensor_sums" + ("_quick" if args.quick else "")
-    csv_path = args.out / f"{stem}.csv"
+    csv_name = f"{stem}.csv"
     fields = ["kernel_name", "provider", "model_set", "n_tensors", "n_elements", "dtype", "metric_name",
               "metric_unit", "y_50", "y_20", "y_80", "device_name", "torch_version", "triton_version", "git_commit",
               "timestamp", "mode", "interpreter"]
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:  # long format, appended run after run
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
     line = (f"{context['device_name']}, torch {context['torch_version']}, triton {triton_version}, "
             f"commit {context['git_commit']}, {context['timestamp']}; bf16 gradients (randn, seed 0), fp32 results; "
             f"copy {copy[0]:,.0f} GB/s (read+write, {copy_bytes >> 20} MiB fp32); "
             + ("TRITON_INTERPRET=1: Triton timings are meaningless; " if not cuda else "")
-            + ("--quick: shapes /32 per side, 2 layers; " if args.quick else "") + f"CSV: {csv_path.name}")
+            + ("--quick: shapes /32 per side, 2 layers; " if args.quick else "") + f"CSV: {csv_name}")
     md = [f"# Per-matrix gradient L1 sums ({context['mode']} run)", "", line, "",
           "| set | matrices | elements | provider | ms (p50) | GB/s | % of copy |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     md += [f"| {s} | {n} | {e:,} | {p} | {m:.3f} | {g:,.0f} | {pc:.0f}% |" for s, n, e, p, m, g, pc in table]
-    (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    write_outputs(args.out, stem, fields, rows, md)
     print("\n".join(md))
     return 0
 
