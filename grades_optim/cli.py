@@ -2,6 +2,9 @@
 
 * ``grades-optim finetune [--quick] [--model DIR] [--dataset PATH ...] [--out DIR]``: fine-tune with
   full training, classic early stopping and GradES; print the results table; write a report folder.
+  ``--checkpoint-every N`` / ``--resume``: crash-safe checkpoints and resuming an interrupted run
+  (see ``grades_optim.finetune.workdir``). Under ``torchrun --nproc_per_node=N`` it trains with DDP
+  on gloo and rank 0 writes the report (see ``grades_optim.finetune.parallel``).
 * ``grades-optim report DIR``: re-render the table and the plots of a saved report folder.
 
 Exit status: 0 on success, 2 for bad input (the message says what to change), 130 on Ctrl-C.
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -21,7 +25,7 @@ _OVERRIDES = {
     "train_size": int, "val_size": int, "test_size": int, "max_length": int, "epochs": float,
     "max_steps": int, "batch_size": int, "lr": float, "es_every": int, "es_patience": int,
     "tau": float, "tau_mode": str, "alpha": float, "grades_patience": int, "metric": str, "ema": float,
-    "check_interval": int, "probe_every": int, "seed": int, "threads": int,
+    "check_interval": int, "probe_every": int, "seed": int, "threads": int, "checkpoint_every": int,
 }
 _HELP = {
     "train_size": "use at most N training examples (stratified subset; default 4000)",
@@ -41,7 +45,10 @@ _HELP = {
     "probe_every": "validation-accuracy probe every N steps for the accuracy plot, clock paused "
                    "(default 50; 0 disables; --quick disables)",
     "seed": "seed for the split, the head initialisation, batches and dropout (default 0)",
-    "threads": "torch CPU threads (default: all CPUs this process may use)",
+    "threads": "torch CPU threads (default: all CPUs this process may use; under torchrun an equal "
+               "share per rank)",
+    "checkpoint_every": "save a crash-safe checkpoint every N optimizer steps in the hidden work folder "
+                        "beside --out (default 50; 0: none, finished methods are still kept)",
 }
 
 
@@ -62,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "full,classic-es,grades (default: all three)")
     ft.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT) instead of all weights")
     ft.add_argument("--out", metavar="DIR", help="report folder (default runs/finetune, or runs/finetune-quick)")
-    ft.add_argument("--overwrite", action="store_true", help="replace a report folder holding another run")
+    ft.add_argument("--overwrite", action="store_true", help="replace a report folder holding another run; "
+                    "without --resume also discard an interrupted run's work folder")
+    ft.add_argument("--resume", action="store_true", help="continue the interrupted run for --out from its "
+                    "work folder (same options required; starts fresh when there is none)")
     ft.add_argument("--quiet", action="store_true", help="no progress bars: logs and the table only")
     for name, typ in _OVERRIDES.items():
         ft.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=_HELP[name])
@@ -77,7 +87,7 @@ def _config(args):
 
     cfg = FinetuneConfig(model=args.model, dataset=args.dataset, text_column=args.text_column,
                          label_column=args.label_column, out=args.out, overwrite=args.overwrite,
-                         lora=args.lora, progress=not args.quiet,
+                         lora=args.lora, progress=not args.quiet, resume=args.resume,
                          methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     if args.quick:
         cfg = cfg.with_quick()
@@ -92,6 +102,8 @@ def _finetune(args) -> int:
     from grades_optim.report import format_table, freeze_order
 
     payload, out = run_finetune(_config(args))
+    if out is None:  # a torchrun rank other than 0: rank 0 prints the table
+        return 0
     print(format_table(payload["methods"]))
     order = freeze_order(payload["methods"])
     print(f"\n{order}" if order else "")
@@ -110,9 +122,21 @@ def _report(args) -> int:
     return 0
 
 
+def _torchrun_rank() -> Optional[int]:
+    try:
+        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    except (KeyError, ValueError):
+        return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    rank = _torchrun_rank()
+    if rank is None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    else:  # torchrun: rank 0 logs as usual, the others only warnings
+        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, datefmt="%H:%M:%S",
+                            format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
     from grades_optim.finetune.errors import FinetuneError
 
     try:
@@ -121,8 +145,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"grades-optim {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print(f"interrupted; no report was written{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args) -> str:
+    if args.command != "finetune" or _torchrun_rank() is not None:
+        return ""
+    from grades_optim.finetune.workdir import work_dir
+
+    out = _config(args).resolved_out()
+    return "; continue with the same options and --resume" if work_dir(out).is_dir() else ""
 
 
 if __name__ == "__main__":  # pragma: no cover

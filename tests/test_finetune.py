@@ -157,7 +157,7 @@ def test_missing_model_directory_fails_cleanly(tiny, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_failure_mid_run_writes_nothing(tiny, tmp_path, monkeypatch):
+def test_failure_mid_run_writes_no_report_and_resume_finishes(tiny, tmp_path, monkeypatch, caplog):
     from grades_optim.finetune import runner
 
     root, model, csv_path = tiny
@@ -173,7 +173,14 @@ def test_failure_mid_run_writes_nothing(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "train_method", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         finetune(model, csv_path, tmp_path / "out", "--max-steps", "4")
-    assert list(tmp_path.iterdir()) == []
+    # no report; the work folder keeps the finished first method for --resume
+    assert [p.name for p in tmp_path.iterdir()] == [".out.work"]
+    assert (tmp_path / ".out.work" / "full" / "result.json").is_file()
+    with caplog.at_level("INFO", logger="grades_optim.finetune"):
+        assert finetune(model, csv_path, tmp_path / "out", "--max-steps", "4", "--resume") == 0
+    assert calls == ["full", "classic-es", "classic-es", "grades"], "full is not trained again"
+    assert "full: finished before the interruption" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_split_is_deduplicated_stratified_and_seeded():

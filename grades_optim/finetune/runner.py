@@ -1,8 +1,11 @@
 """The fine-tuning job end to end: inputs -> three methods -> a report folder, written atomically.
 
-The output folder is checked before any training (so a refusal costs nothing), the report is built
-in a hidden temporary folder beside it and renamed into place only when complete; on any failure
-the temporary folder is removed and an existing report is left untouched.
+The output folder (and the work folder of an interrupted run, see :mod:`.workdir`) is checked
+before any training, so a refusal costs nothing and modifies nothing. Checkpoints and finished
+methods go to the work folder as training proceeds; the report is built in a hidden temporary
+folder beside ``--out`` and renamed into place only when complete, then the work folder is
+removed. On a failure the temporary folder is removed, an existing report is left untouched and
+the work folder stays for ``--resume``. Under torchrun see :mod:`.parallel`.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import pathlib
 import platform
 import shutil
 import tempfile
+from typing import Optional
 
 import torch
 
@@ -22,7 +26,9 @@ from .config import FinetuneConfig
 from .data import load_rotten_tomatoes, load_table, split_dataset
 from .errors import OutputError
 from .model import apply_lora, fresh_copy, load_model, trainable_summary
-from .train import Batches, train_method
+from .parallel import launched
+from .train import Batches, Checkpoints, MethodResult, train_method
+from .workdir import WorkFolder
 
 __all__ = ["run_finetune", "check_output_dir", "context_line"]
 
@@ -43,11 +49,15 @@ def check_output_dir(out: pathlib.Path, overwrite: bool) -> None:
                           "replace it or choose another --out")
 
 
-def _threads(cfg: FinetuneConfig) -> int:
+def _threads(cfg: FinetuneConfig, parallel=None) -> int:
     """``--threads`` or the CPUs not already busy: on a shared 2-core machine with the other core
-    taken, 2 intra-op threads ran a MiniLM step 2.5x slower than 1 (5.6 s vs 2.2 s, measured)."""
+    taken, 2 intra-op threads ran a MiniLM step 2.5x slower than 1 (5.6 s vs 2.2 s, measured).
+    Under torchrun each rank takes an equal share of the cores."""
     if cfg.threads:
         n = cfg.threads
+    elif parallel is not None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, cores // parallel.local_world)
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
@@ -91,12 +101,31 @@ def _load_data(cfg: FinetuneConfig):
                          source=source)
 
 
-def run_finetune(cfg: FinetuneConfig) -> tuple[dict, pathlib.Path]:
-    """Run every method of ``cfg`` and write the report folder; returns ``(payload, folder)``."""
+def run_finetune(cfg: FinetuneConfig) -> tuple[dict, Optional[pathlib.Path]]:
+    """Run every method of ``cfg`` and write the report folder; returns ``(payload, folder)``.
+
+    Under torchrun every rank returns the payload and only rank 0 writes (its folder is returned,
+    the other ranks get None).
+    """
     cfg.validate()
+    with launched() as parallel:
+        return _run(cfg, parallel)
+
+
+def _run(cfg: FinetuneConfig, parallel) -> tuple[dict, Optional[pathlib.Path]]:
     out = pathlib.Path(cfg.resolved_out())
     check_output_dir(out, cfg.overwrite)
-    threads = _threads(cfg)
+    if parallel is not None:
+        parallel.check_batch(cfg.batch_size)
+        if cfg.resume:
+            raise OutputError("--resume is not supported under torchrun yet; resume the run as a single "
+                              "process, or start it again")
+        if cfg.checkpoint_every:
+            logger.info("torchrun: no checkpoints are written (resume is single-process only)")
+        work = None
+    else:
+        work = WorkFolder.prepare(out, cfg)
+    threads = _threads(cfg, parallel)
     splits = _load_data(cfg)
     logger.info("data: %s (%d duplicates dropped)", splits.describe(), splits.duplicates_dropped)
     tokenizer, base, model_dir = load_model(cfg.model, len(splits.label_names), seed=cfg.seed)
@@ -107,10 +136,24 @@ def run_finetune(cfg: FinetuneConfig) -> tuple[dict, pathlib.Path]:
     logger.info("model: %s (%s), %d/%d parameters trainable", model_dir, type(base).__name__, trainable, total)
     train, val, test = (Batches(tokenizer, s, cfg.max_length) for s in (splits.train, splits.val, splits.test))
 
-    results = []
+    if work is not None:
+        work.create()
+    results, agree = [], {}
     for method in cfg.methods:
+        saved = work.load_result(method) if work is not None else None
+        if saved is not None:
+            logger.info("method %s: finished before the interruption; result taken from %s", method, work.path)
+            results.append(MethodResult(**saved))
+            continue
         logger.info("method %s: training", method)
-        results.append(train_method(method, fresh_copy(base), train, val, test, cfg))
+        ckpt = Checkpoints(work.checkpoints(method), cfg.checkpoint_every) if work is not None else None
+        model = fresh_copy(base)
+        result = train_method(method, model, train, val, test, cfg, checkpoints=ckpt, parallel=parallel)
+        if work is not None:
+            work.save_result(method, dataclasses.asdict(result))
+        if parallel is not None:
+            agree[method] = _check_agreement(parallel, method, model, result)
+        results.append(result)
     context = context_line(threads, cfg.seed)
     methods = [{k: v for k, v in dataclasses.asdict(r).items() if k != "history"} for r in results]
     payload = {
@@ -121,9 +164,28 @@ def run_finetune(cfg: FinetuneConfig) -> tuple[dict, pathlib.Path]:
         "config": dataclasses.asdict(cfg),
         "methods": methods,
     }
+    if parallel is not None:
+        payload["context"]["distributed"] = {"world_size": parallel.world, "backend": "gloo",
+                                             "strategy": "DDP", "ranks_agree": agree}
+        if not parallel.is_main:
+            return payload, None
     history = [dict(h, method=r.method) for r in results for h in r.history]
     _write_atomically(out, payload, history, cfg.overwrite)
+    if work is not None:
+        work.remove()  # the report is in place: nothing left to resume
     return payload, out
+
+
+def _check_agreement(parallel, method: str, model, result: MethodResult) -> bool:
+    """Every rank must end a method with the same parameters, freeze steps and scores."""
+    summary = repr((result.steps, result.stop_reason, result.test_accuracy, result.test_loss,
+                    [c["frozen_at_step"] for c in result.components]))
+    same = parallel.agree(model, summary)
+    if same:
+        logger.info("%s: all %d ranks hold identical parameters, freeze steps and scores", method, parallel.world)
+    else:
+        logger.warning("%s: the %d ranks disagree on parameters, freeze steps or scores", method, parallel.world)
+    return same
 
 
 def _write_atomically(out: pathlib.Path, payload: dict, history: list, overwrite: bool) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import pathlib
 import time
 from typing import Optional
 
@@ -22,7 +23,7 @@ import torch
 
 from .config import FinetuneConfig
 
-__all__ = ["MethodResult", "Batches", "train_method", "evaluate"]
+__all__ = ["MethodResult", "Batches", "Checkpoints", "train_method", "evaluate"]
 
 logger = logging.getLogger("grades_optim.finetune")
 
@@ -82,17 +83,21 @@ class Batches:
 
 
 @torch.no_grad()
-def evaluate(model, data: Batches, batch_size: int) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over ``data``."""
+def evaluate(model, data: Batches, batch_size: int, parallel=None) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over ``data``; under torchrun each rank takes a share and the
+    sums are all-reduced, so every rank returns the same numbers."""
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
-    for start in range(0, len(data), batch_size):
-        b = data.batch(range(start, min(start + batch_size, len(data))))
+    rows = range(len(data)) if parallel is None else parallel.span(len(data))
+    for start in range(rows.start, rows.stop, batch_size):
+        b = data.batch(range(start, min(start + batch_size, rows.stop)))
         out = model(**b)
         loss_sum += float(out.loss) * len(b["labels"])
         correct += int((out.logits.argmax(-1) == b["labels"]).sum())
     model.train(was_training)
+    if parallel is not None:
+        correct, loss_sum = parallel.all_sum([correct, loss_sum])
     return correct / len(data), loss_sum / len(data)
 
 
@@ -113,9 +118,67 @@ def _grades_optimizer(inner, model, cfg: FinetuneConfig, total: int):
                            ema=cfg.ema, check_interval=cfg.check_interval)
 
 
+@dataclasses.dataclass
+class Checkpoints:
+    """Where ``train_method`` keeps crash-safe checkpoints, and every how many steps (0: never)."""
+    directory: pathlib.Path
+    every: int
+
+
+@dataclasses.dataclass
+class _Loop:
+    """Everything the loop carries besides model, optimizer, scheduler and RNG: checkpointed."""
+    wall: float = 0.0
+    val_wall: float = 0.0
+    curve: list = dataclasses.field(default_factory=list)
+    losses: list = dataclasses.field(default_factory=list)
+    best_loss: float = math.inf  # classic-es: best validation loss, its step and its weights
+    best_step: Optional[int] = None
+    best_weights: Optional[dict] = None
+    since_best: int = 0
+
+    def to_extra(self, opt) -> dict:
+        extra = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # no deep copies
+        extra["best_weights"] = self.best_weights or {}  # a dict of tensors: loads with weights_only
+        # GradES counters that its state dict does not carry (they feed the report's summary)
+        extra["grades_counters"] = {k: getattr(opt, k) for k in _COUNTERS if hasattr(opt, k)}
+        return extra
+
+    @classmethod
+    def from_extra(cls, extra: dict, opt) -> "_Loop":
+        for k, v in extra.get("grades_counters", {}).items():
+            setattr(opt, k, v)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        loop = cls(**{k: v for k, v in extra.items() if k in fields})
+        loop.best_weights = loop.best_weights or None
+        return loop
+
+
+_COUNTERS = ("released_state_bytes", "nonfinite_readings")
+
+
+def _resume(ckpt: Checkpoints, method: str, model, opt, sched) -> tuple[int, _Loop]:
+    from grades_optim.checkpoint import load_checkpoint
+
+    state = load_checkpoint(ckpt.directory, model=model, optimizer=opt, scheduler=sched)
+    if state is None:
+        return 0, _Loop()
+    logger.info("%s: resumed from the checkpoint of step %d", method, state["step"])
+    return state["step"], _Loop.from_extra(state["extra"], opt)
+
+
 def train_method(method: str, model, train: Batches, val: Batches, test: Batches,
-                 cfg: FinetuneConfig) -> MethodResult:
-    """Fine-tune ``model`` in place with one stopping rule and score it on ``test``."""
+                 cfg: FinetuneConfig, *, checkpoints: Optional[Checkpoints] = None,
+                 parallel=None) -> MethodResult:
+    """Fine-tune ``model`` in place with one stopping rule and score it on ``test``.
+
+    ``checkpoints``: resume from the newest intact checkpoint there and save one every
+    ``checkpoints.every`` steps. Resuming is bit-identical on CPU (same threads): the model, AdamW
+    and GradES state, scheduler, RNG, clocks, losses, accuracy curve and classic-es state are
+    restored, and the batch order is a function of the seed and the step. The wall clock resumes at
+    its saved value: the work lost to a crash and the checkpoint writes are not counted.
+    ``parallel``: a :class:`~grades_optim.finetune.parallel.Parallel` under torchrun (DDP).
+    """
     from transformers import get_linear_schedule_with_warmup
     from tqdm.auto import tqdm
 
@@ -123,47 +186,49 @@ def train_method(method: str, model, train: Batches, val: Batches, test: Batches
     torch.manual_seed(cfg.seed)  # identical dropout masks across methods
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = model if parallel is None else parallel.wrap(model)
     if method == "grades":
-        opt = _grades_optimizer(opt, model, cfg, total)
+        opt = _grades_optimizer(opt, net, cfg, total)  # given the DDP wrapper: it picks the freeze mode
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     order = train.order(total, cfg.batch_size, cfg.seed)
+    start, loop = _resume(checkpoints, method, model, opt, sched) if checkpoints else (0, _Loop())
+    main_rank = parallel is None or parallel.is_main
 
-    wall = val_wall = 0.0
-    curve: list = []
-    losses: list = []
-    best = (math.inf, None, 0)  # classic-es: (val loss, weights, step)
-    since_best, stop_reason, step = 0, "schedule finished", 0
+    stop_reason, step = "schedule finished", start
     model.train()
-    bar = tqdm(total=total, desc=f"{method:>10}", disable=not cfg.progress, leave=False, unit="step")
-    for step, index in enumerate(order, 1):
+    bar = tqdm(total=total, initial=start, desc=f"{method:>10}", disable=not (cfg.progress and main_rank),
+               leave=False, unit="step")
+    for step, index in enumerate(order[start:], start + 1):
         t0 = time.perf_counter()
-        out = model(**train.batch(index))
+        out = net(**train.batch(index if parallel is None else parallel.shard(index)))
         out.loss.backward()
         loss = out.loss.item()
-        losses.append(round(loss, 5))
+        if parallel is not None:  # the global batch's mean loss, as in a single process
+            loss = parallel.all_sum([loss])[0] / parallel.world
+        loop.losses.append(round(loss, 5))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        wall += time.perf_counter() - t0
+        loop.wall += time.perf_counter() - t0
         bar.update(1)
         if method == "classic-es" and (step % cfg.es_every == 0 or step == total):
             t0 = time.perf_counter()
-            acc, vloss = evaluate(model, val, cfg.eval_batch_size)
-            if vloss < best[0]:
-                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best, since_best = (vloss, weights, step), 0
+            acc, vloss = evaluate(model, val, cfg.eval_batch_size, parallel)
+            if vloss < loop.best_loss:
+                loop.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                loop.best_loss, loop.best_step, loop.since_best = vloss, step, 0
             else:
-                since_best += 1
+                loop.since_best += 1
             dt = time.perf_counter() - t0
-            wall, val_wall = wall + dt, val_wall + dt
-            curve.append([wall, step, acc, vloss])
-            bar.set_postfix(val_loss=f"{vloss:.4f}", best=best[2])
-            if since_best >= cfg.es_patience and step < total:
+            loop.wall, loop.val_wall = loop.wall + dt, loop.val_wall + dt
+            loop.curve.append([loop.wall, step, acc, vloss])
+            bar.set_postfix(val_loss=f"{vloss:.4f}", best=loop.best_step)
+            if loop.since_best >= cfg.es_patience and step < total:
                 stop_reason = f"validation loss did not improve for {cfg.es_patience} checks"
                 break
         elif method != "classic-es" and cfg.probe_every and step % cfg.probe_every == 0:
-            acc, vloss = evaluate(model, val, cfg.eval_batch_size)  # clock paused: monitoring only
-            curve.append([wall, step, acc, vloss])
+            acc, vloss = evaluate(model, val, cfg.eval_batch_size, parallel)  # clock paused: monitoring only
+            loop.curve.append([loop.wall, step, acc, vloss])
         if method == "grades":
             s = opt.summary()
             bar.set_postfix(frozen=f"{s['frozen']}/{s['tracked']}")
@@ -174,23 +239,32 @@ def train_method(method: str, model, train: Batches, val: Batches, test: Batches
             stop_reason = "loss is not finite"
             logger.warning("%s: loss became %s at step %d; stopping", method, loss, step)
             break
+        if checkpoints and checkpoints.every and step % checkpoints.every == 0 and step < total:
+            _save(checkpoints, step, model, opt, sched, loop)  # clock paused: not training time
     bar.close()
-    if method == "classic-es" and best[1] is not None:
+    if method == "classic-es" and loop.best_weights is not None:
         t0 = time.perf_counter()
-        model.load_state_dict(best[1])
-        wall += time.perf_counter() - t0
-        stop_reason += f"; restored the best weights (step {best[2]})"
-    elif method != "classic-es" and cfg.probe_every and (not curve or curve[-1][1] != step):
-        acc, vloss = evaluate(model, val, cfg.eval_batch_size)
-        curve.append([wall, step, acc, vloss])
-    test_acc, test_loss = evaluate(model, test, cfg.eval_batch_size)
-    result = MethodResult(method, test_acc, test_loss, wall, step, total, stop_reason,
-                          val_seconds=val_wall, curve=curve, train_loss=losses)
+        model.load_state_dict(loop.best_weights)
+        loop.wall += time.perf_counter() - t0
+        stop_reason += f"; restored the best weights (step {loop.best_step})"
+    elif method != "classic-es" and cfg.probe_every and (not loop.curve or loop.curve[-1][1] != step):
+        acc, vloss = evaluate(model, val, cfg.eval_batch_size, parallel)
+        loop.curve.append([loop.wall, step, acc, vloss])
+    test_acc, test_loss = evaluate(model, test, cfg.eval_batch_size, parallel)
+    result = MethodResult(method, test_acc, test_loss, loop.wall, step, total, stop_reason,
+                          val_seconds=loop.val_wall, curve=loop.curve, train_loss=loop.losses)
     if method == "grades":
         _add_grades_details(result, opt)
     logger.info("%s: test accuracy %.4f after %d/%d steps in %.1f s (%s)", method, test_acc, step,
-                total, wall, stop_reason)
+                total, loop.wall, stop_reason)
     return result
+
+
+def _save(ckpt: Checkpoints, step: int, model, opt, sched, loop: _Loop) -> None:
+    from grades_optim.checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt.directory, step, model=model, optimizer=opt, scheduler=sched,
+                    extra=loop.to_extra(opt))
 
 
 def _add_grades_details(result: MethodResult, opt) -> None:
