@@ -42,3 +42,13 @@ def test_bench_fused_step_quick(tmp_path):
     assert any(r["kernel_name"] == "copy" for r in rows) and all(float(r["y_50"]) > 0 for r in rows)
     md = (tmp_path / "bench_fused_step_quick.md").read_text()
     assert "torch " in md and "| set | frozen (bytes) |" in md
+
+
+def test_bench_train_step_quick(tmp_path):
+    proc = _run_quick("bench_train_step.py", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with (tmp_path / "bench_train_step_quick.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["provider"] for r in rows] == ["bare", "grades", "grades-ci8"]
+    assert all(float(r["ms_per_step"]) > 0 and int(r["components"]) == 14 for r in rows)
+    assert "| provider | ms/step (median) |" in (tmp_path / "bench_train_step_quick.md").read_text()
