@@ -11,15 +11,15 @@ cd "$(dirname "$0")/.."
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 --version
 } > "$OUT/context.txt" 2>&1
-python3 -m venv .venv-gpu && . .venv-gpu/bin/activate
-python -m pip -q install --disable-pip-version-check torch triton "transformers==5.24.0" pytest pytest-timeout hypothesis \
+# The GPU image already holds torch, triton, transformers, pytest and hypothesis and reaches no
+# network: install only this package, offline (kernels/ is mapped to grades_optim.kernels).
+python3 -m pip -q install --disable-pip-version-check --no-deps --no-build-isolation --no-index -e . \
   > "$OUT/install.log" 2>&1
-python -m pip -q install --disable-pip-version-check --no-deps -e . >> "$OUT/install.log" 2>&1
-python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" >> "$OUT/context.txt" 2>&1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" >> "$OUT/context.txt" 2>&1
 # Correctness first: the CUDA tests (kernels compiled, sync-free non-check steps) and the fused path.
-timeout 240 python -m pytest -q -x tests/test_kernels.py tests/test_fused_step.py tests/test_optimizer_triton.py \
+timeout 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_fused_step.py tests/test_optimizer_triton.py \
   > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/context.txt"
 for b in bench_tensor_sums bench_fused_step bench_train_step; do
-  timeout 200 python "benchmarks/$b.py" --out "$OUT" > "$OUT/$b.log" 2>&1; echo "$b rc=$?" >> "$OUT/context.txt"
+  timeout 200 python3 "benchmarks/$b.py" --out "$OUT" > "$OUT/$b.log" 2>&1; echo "$b rc=$?" >> "$OUT/context.txt"
 done
 cat "$OUT/context.txt"
