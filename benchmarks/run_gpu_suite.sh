@@ -4,8 +4,9 @@
 # Everything is written under OUT (logs, CSV, markdown); copy the markdown/CSV of a real run into
 # benchmarks/results/ afterwards. Leaves the card's settings alone.
 set -uo pipefail
-OUT="${1:-${OUT:-/tmp/gpu-out}}"
-mkdir -p "$OUT"
+FINAL="${1:-${OUT:-/tmp/gpu-out}}"
+OUT=/tmp/grades-gpu-work  # everything lands here; FINAL gets 3 files (the device tool returns at most 8)
+mkdir -p "$OUT" "$FINAL"
 cd "$(dirname "$0")/.."
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -22,4 +23,6 @@ timeout 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_fused_step.
 for b in bench_tensor_sums bench_fused_step bench_train_step; do
   timeout 200 python3 "benchmarks/$b.py" --out "$OUT" > "$OUT/$b.log" 2>&1; echo "$b rc=$?" >> "$OUT/context.txt"
 done
-cat "$OUT/context.txt"
+tar czf "$FINAL/gpu_results.tgz" -C "$OUT" .
+cp "$OUT/context.txt" "$OUT/tests.log" "$FINAL/"
+cat "$OUT/context.txt"; tail -3 "$OUT/tests.log"; cat "$OUT"/*.md 2>/dev/null
