@@ -10,8 +10,9 @@ NEGATIVE = "bad dull awful boring weak messy flat tedious silly poor".split()
 FILLER = "the film movie plot story cast a was is and this it very quite".split()
 
 
-def make_tiny_model(folder: pathlib.Path) -> pathlib.Path:
-    """A 2-layer, 32-wide BERT with a word-level vocab, saved with its tokenizer."""
+def make_tiny_model(folder: pathlib.Path, dropout: float = 0.0) -> pathlib.Path:
+    """A 2-layer, 32-wide BERT with a word-level vocab, saved with its tokenizer (``dropout`` > 0
+    makes training consume the RNG, which resume tests must then restore)."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     import torch
@@ -22,8 +23,8 @@ def make_tiny_model(folder: pathlib.Path) -> pathlib.Path:
     tok.save_pretrained(folder)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, initializer_range=0.2)
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout, initializer_range=0.2)
     BertForSequenceClassification(cfg).save_pretrained(folder)
     return folder
 
