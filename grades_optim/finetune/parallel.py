@@ -118,5 +118,7 @@ def launched() -> Iterator[Optional[Parallel]]:
     try:
         logger.info("torchrun: %d ranks (gloo, CPU); rank 0 writes the report", world)
         yield Parallel(rank, world, local_world)
+        # leave together: no rank tears its connections down while rank 0 still writes the report
+        dist.barrier()
     finally:
         dist.destroy_process_group()

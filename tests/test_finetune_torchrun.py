@@ -1,0 +1,94 @@
+"""``torchrun --nproc_per_node=2 -m grades_optim finetune`` on CPU (gloo): one report from rank 0,
+GradES freezes under DDP, every rank ends every method with identical parameters and freeze steps,
+and the per-step global batch is the single-process one.
+
+Each launch has a hard time limit and runs in its own session, whose process group (torchrun and
+both ranks) is killed on the way out: no leftover processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from finetune_fixtures import make_rows, make_tiny_model, write_csv  # noqa: E402
+
+from grades_optim.cli import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT_S = 90
+ARGS = ["--text-column", "review", "--label-column", "sentiment", "--quiet", "--max-steps", "60",
+        "--batch-size", "16", "--max-length", "16", "--lr", "2e-3", "--es-every", "5", "--es-patience", "2",
+        "--probe-every", "10", "--alpha", "0.25", "--grades-patience", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("torchrun")
+    model = make_tiny_model(root / "model")
+    data = write_csv(root / "reviews.csv", make_rows(320))
+    return ["finetune", "--model", str(model), "--dataset", str(data), *ARGS]
+
+
+def torchrun(args, out) -> tuple[int, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "grades_optim", *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"torchrun exceeded {LIMIT_S}s:\n{log[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.returncode, log
+
+
+def test_two_ranks_write_one_report_and_agree(tiny, tmp_path):
+    out = tmp_path / "report"
+    rc, log = torchrun(tiny, out)
+    assert rc == 0, log[-5000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"], "one report, no work or temporary folders"
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["context"]["distributed"] == {"world_size": 2, "backend": "gloo", "strategy": "DDP",
+                                                 "ranks_agree": {"full": True, "classic-es": True, "grades": True}}
+    methods = {m["method"]: m for m in payload["methods"]}
+    grades = methods["grades"]
+    assert grades["frozen_ratio"] > 0 and grades["summary"]["freeze_mode"] == "requires_grad"
+    assert any(c["frozen_at_step"] is not None for c in grades["components"])
+    assert log.count("| method |") == 1, "rank 0 alone prints the table"
+    for m in methods:
+        assert f"{m}: all 2 ranks hold identical parameters, freeze steps and scores" in log
+    assert "[rank 0] INFO" in log and "[rank 1] INFO" not in log, "the other ranks log warnings only"
+
+    # the global batch is the single-process one: same losses up to float reduction order
+    single = tmp_path / "single"
+    assert main([*tiny, "--out", str(single), "--methods", "full", "--threads", "1"]) == 0
+    ref = json.loads((single / "results.json").read_text())["methods"][0]
+    assert ref["steps"] == methods["full"]["steps"] == 60
+    assert methods["full"]["train_loss"] == pytest.approx(ref["train_loss"], abs=2e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "15"], "--batch-size 15 is not divisible by the 2 torchrun processes"),
+    (["--resume"], "--resume is not supported under torchrun"),
+])
+def test_bad_options_fail_cleanly_on_every_rank(tiny, tmp_path, extra, message):
+    rc, log = torchrun([*tiny, *extra], tmp_path / "report")
+    assert rc != 0
+    assert log.count(f"grades-optim finetune: error: {message}") == 2, log[-3000:]
+    assert list(tmp_path.iterdir()) == []
