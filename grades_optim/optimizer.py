@@ -474,10 +474,13 @@ class GradESOptimizer(torch.optim.Optimizer):
             group["grades_numel"] = numel
             group["grades_state"] = [list(dataclasses.astuple(self._states[c])) if c >= 0 else None
                                      for c in ids]
+            group["grades_counters"] = [self.released_state_bytes, self.nonfinite_readings]
 
     def _adopt_groups(self) -> None:
         """Take the step counter and rule states from the groups, then re-apply the freeze set."""
         self._step = int(self.param_groups[0]["grades_step"])
+        # absent from checkpoints written before these counters were kept: they restart at 0
+        self.released_state_bytes, self.nonfinite_readings = self.param_groups[0].get("grades_counters", [0, 0])
         for c, comp in enumerate(self.components):
             g, i = comp.positions[0]
             self._states[c] = ComponentState(*self.param_groups[g]["grades_state"][i])

@@ -415,6 +415,7 @@ def test_resume_restores_freeze_set_and_gives_identical_next_steps(inner):
     assert [c.frozen_at_step for c in opt_b.components] == [c.frozen_at_step for c in opt_a.components]
     assert opt_b.step_count == opt_a.step_count == 6
     assert any(c.frozen for c in opt_b.components)
+    assert opt_b.released_state_bytes == opt_a.released_state_bytes > 0  # counters ride along too
     for n, p in b.named_parameters():
         frozen = any(n in c.param_names and c.frozen for c in opt_b.components)
         assert p.requires_grad != frozen, n

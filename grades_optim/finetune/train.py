@@ -140,21 +140,14 @@ class _Loop:
     def to_extra(self, opt) -> dict:
         extra = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # no deep copies
         extra["best_weights"] = self.best_weights or {}  # a dict of tensors: loads with weights_only
-        # GradES counters that its state dict does not carry (they feed the report's summary)
-        extra["grades_counters"] = {k: getattr(opt, k) for k in _COUNTERS if hasattr(opt, k)}
         return extra
 
     @classmethod
     def from_extra(cls, extra: dict, opt) -> "_Loop":
-        for k, v in extra.get("grades_counters", {}).items():
-            setattr(opt, k, v)
         fields = {f.name for f in dataclasses.fields(cls)}
         loop = cls(**{k: v for k, v in extra.items() if k in fields})
         loop.best_weights = loop.best_weights or None
         return loop
-
-
-_COUNTERS = ("released_state_bytes", "nonfinite_readings")
 
 
 def _resume(ckpt: Checkpoints, method: str, model, opt, sched) -> tuple[int, _Loop]:
