@@ -93,6 +93,33 @@ def tiny_model():
     return make_model()
 
 
+def run_isolated(cmd, limit_s, what, **env):
+    """Run ``cmd`` (from the repo root, the repo importable) in its own session with a hard time
+    limit; its whole process group (torchrun, spawned ranks) is killed on the way out, so no
+    process outlives the test. Returns ``(returncode, combined output)``."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", **env)
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"{what} exceeded {limit_s}s:\n{log[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.returncode, log
+
+
 def batch(seed, vocab=32, n=4, t=6):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, t), generator=g)

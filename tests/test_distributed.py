@@ -2,38 +2,20 @@
 
 All scenarios run in one spawned process group (tests/dist_worker.py); each test checks one.
 """
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_isolated
+
 LIMIT_S = 240
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "tests.dist_worker", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: killable as a whole
-    try:
-        log, _ = proc.communicate(timeout=LIMIT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"distributed scenarios exceeded {LIMIT_S}s:\n{log[-3000:]}")
-    finally:
-        try:  # nothing of the group may survive (spawned ranks included)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0, log[-5000:]
+    rc, log = run_isolated(["-m", "tests.dist_worker", str(out)], LIMIT_S, "distributed scenarios")
+    assert rc == 0, log[-5000:]
 
     def load(name):
         return torch.load(out / f"{name}.pt", weights_only=False)

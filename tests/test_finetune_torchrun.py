@@ -8,11 +8,6 @@ both ranks) is killed on the way out: no leftover processes.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -22,8 +17,8 @@ pytest.importorskip("matplotlib")
 from finetune_fixtures import make_rows, make_tiny_model, write_csv  # noqa: E402
 
 from grades_optim.cli import main  # noqa: E402
+from tests.conftest import run_isolated  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 LIMIT_S = 90
 ARGS = ["--text-column", "review", "--label-column", "sentiment", "--quiet", "--max-steps", "60",
         "--batch-size", "16", "--max-length", "16", "--lr", "2e-3", "--es-every", "5", "--es-patience", "2",
@@ -39,23 +34,8 @@ def tiny(tmp_path_factory):
 
 
 def torchrun(args, out) -> tuple[int, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "grades_optim", *args, "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=LIMIT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"torchrun exceeded {LIMIT_S}s:\n{log[-3000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return proc.returncode, log
+    return run_isolated(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         "-m", "grades_optim", *args, "--out", str(out)], LIMIT_S, "torchrun")
 
 
 def test_two_ranks_write_one_report_and_agree(tiny, tmp_path):
