@@ -83,10 +83,12 @@ _MLP = (
     # transformers 4.x per-expert MoE (Mixtral block_sparse_moe; Qwen-MoE uses *_proj above)
     "experts.*.w1", "experts.*.w2", "experts.*.w3",
     "linear1", "linear2",
+    # ALBERT (one shared layer per group: albert_layer_groups.G.albert_layers.N.ffn / ffn_output)
+    "ffn", "ffn_output",
 )
 _PROJECTIONS = {**{t: "attention" for t in _ATTENTION}, **{t: "mlp" for t in _MLP}}
 
-_LAYER_CONTAINERS = ("layers", "layer", "h", "block", "blocks")
+_LAYER_CONTAINERS = ("layers", "layer", "h", "block", "blocks", "albert_layers")
 _LAYER_RE = re.compile(r"(?:^|\.)(?:%s)\.\d+\." % "|".join(_LAYER_CONTAINERS))
 _WRAPPER_SEGMENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 _PEFT_ROOT = "base_model.model."
@@ -160,13 +162,14 @@ def discover_components(model: nn.Module, matcher: Optional[Matcher] = None,
         raise TypeError(f"Invalid model: expected a torch.nn.Module, got {type(model).__name__}")
     kind_of = _resolve_matcher(matcher)
     hosts = _adapter_hosts(model)
+    split = _split_bias_hosts(model)
     groups: dict[str, list] = {}
     live: set = set()
     examined: list[str] = []
     # named_parameters() yields each Parameter once (tied weights under their first name), and
     # each name gets exactly one key: a parameter can never land in two components.
     for name, param in model.named_parameters():
-        placed = _place(name, hosts)
+        placed = _place(name, hosts, split)
         if placed is None:
             continue
         raw_key, is_adapter = placed
@@ -277,9 +280,24 @@ def _adapter_hosts(model: nn.Module) -> dict:
     return hosts
 
 
-def _place(name: str, hosts: dict):
+# DeBERTa v1's fused ``in_proj`` has no bias; its q and v biases are separate parameters of the
+# attention module. They are part of that matrix, so they join its component.
+_SPLIT_BIASES = ("q_bias", "v_bias")
+
+
+def _split_bias_hosts(model: nn.Module) -> dict:
+    """``{module path: fused child}`` for modules whose fused projection keeps its biases apart."""
+    return {path: "in_proj" for path, module in model.named_modules()
+            if isinstance(getattr(module, "in_proj", None), nn.Module)
+            and all(isinstance(getattr(module, b, None), nn.Parameter) for b in _SPLIT_BIASES)}
+
+
+def _place(name: str, hosts: dict, split: dict):
     """``(raw key, is adapter tensor)`` for a parameter name, or None for a PEFT base weight."""
     segments = name.split(".")
+    head = ".".join(segments[:-1])
+    if segments[-1] in _SPLIT_BIASES and head in split:
+        return f"{head}.{split[head]}", False
     for i in range(len(segments) - 1, 0, -1):
         host = ".".join(segments[:i])
         if host in hosts:

@@ -89,6 +89,14 @@ FAMILIES = {
     "deberta_v2": (lambda: _auto("deberta-v2", "base", **H),
                    _with_prefix("encoder.layer.0.", {k + ("_proj" if ".self." in k else ""): v
                                                      for k, v in BERT.items()}), 12),
+    "deberta": (lambda: _auto("deberta", "base", **H),  # v1: fused in_proj, its q/v biases apart
+                _with_prefix("encoder.layer.0.", {"attention.self.in_proj": "attention",
+                                                  **{k: v for k, v in BERT.items() if ".self." not in k}}), 8),
+    # one layer shared by every depth: 6 components however many hidden layers
+    "albert": (lambda: _auto("albert", "base", **H, embedding_size=16),
+               _kinds("encoder.albert_layer_groups.0.albert_layers.0.",
+                      ("attention.query", "attention.key", "attention.value", "attention.dense"),
+                      ("ffn", "ffn_output")), 6),
     "distilbert": (lambda: _auto("distilbert", "base", dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=100),
                    _kinds("transformer.layer.0.", ("attention.q_lin", "attention.k_lin", "attention.v_lin",
                                                    "attention.out_lin"), ("ffn.lin1", "ffn.lin2")), 12),
@@ -180,7 +188,7 @@ def build(family):
 
 
 def _layer_index(name):
-    return int(re.search(r"\.(?:layers|layer|h|block|blocks)\.(\d+)\.", "." + name).group(1))
+    return int(re.search(r"\.(?:layers|layer|h|block|blocks|albert_layers)\.(\d+)\.", "." + name).group(1))
 
 
 def _by_name(specs):
@@ -220,7 +228,10 @@ def test_family_layer0_and_total(family):
     for spec in specs:
         for pname, _ in spec.params:
             # a matrix's parameters are its weight and (optional) bias, or the bare 3-D expert tensor
-            assert pname in (f"{spec.name}.weight", f"{spec.name}.bias", spec.name, f"{spec.name}_bias")
+            # (DeBERTa v1: the fused in_proj's q/v biases live on its parent module)
+            parent = spec.name.rpartition(".")[0]
+            assert pname in (f"{spec.name}.weight", f"{spec.name}.bias", spec.name, f"{spec.name}_bias",
+                             f"{parent}.q_bias", f"{parent}.v_bias"), pname
             assert not any(bad in pname for bad in NOT_PROJECTIONS), pname
 
 
@@ -300,6 +311,19 @@ def test_shared_module_is_tracked_once():
     root.layers[0].q_proj = root.layers[1].q_proj = shared
     specs = discover_components(root)
     assert [s.name for s in specs] == ["layers.0.q_proj"]
+
+
+def test_deberta_v1_split_biases_join_the_fused_projection():
+    specs = _by_name(discover_components(fresh("deberta")))
+    in_proj = specs["encoder.layer.0.attention.self.in_proj"]
+    assert sorted(n.rpartition(".")[2] for n, _ in in_proj.params) == ["q_bias", "v_bias", "weight"]
+    # a module that merely has parameters called q_bias (no fused in_proj beside them) is not special
+    root = nn.Module()
+    root.layers = nn.ModuleList([nn.Module()])
+    root.layers[0].q_proj = nn.Linear(4, 4)
+    root.layers[0].q_bias = nn.Parameter(torch.zeros(4))
+    assert [n for s in discover_components(root) for n, _ in s.params] == ["layers.0.q_proj.weight",
+                                                                          "layers.0.q_proj.bias"]
 
 
 # ---- wrapper prefixes ---------------------------------------------------------------------------
