@@ -7,7 +7,6 @@ nothing behind.
 from __future__ import annotations
 
 import json
-import pathlib
 
 import pytest
 
