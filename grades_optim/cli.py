@@ -35,7 +35,7 @@ _HELP = {
     "lr": "AdamW learning rate (default 5e-5; 1e-4 with --quick)",
     "es_every": "classic-es: validate every N steps (default 25)",
     "es_patience": "classic-es: stop after N validations without improvement (default 3)",
-    "tau": "GradES threshold (default 0.5, a fraction with --tau-mode relative)",
+    "tau": "GradES threshold (default 0.3, a fraction with --tau-mode relative)",
     "tau_mode": "GradES: relative (default) or absolute",
     "alpha": "GradES grace period as a fraction of the planned steps (default 0.3)",
     "grades_patience": "GradES: consecutive checks below threshold before freezing (default 3)",

@@ -230,3 +230,19 @@ def test_quick_preset_and_flags_override(tmp_path):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["finetune", "--bogus"])
     assert main(["finetune", "--methods", "full,nope", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_help_states_the_config_defaults():
+    # --help must not drift from FinetuneConfig: every "(default N" it states is the field's value
+    import re
+
+    from grades_optim.cli import _HELP
+    from grades_optim.finetune import FinetuneConfig
+
+    cfg, checked = FinetuneConfig(), 0
+    for field, text in _HELP.items():
+        found = re.search(r"\(default ([0-9][0-9.e-]*)", text)
+        if found and getattr(cfg, field) is not None:
+            assert float(found.group(1)) == float(getattr(cfg, field)), (field, text)
+            checked += 1
+    assert checked >= 10
