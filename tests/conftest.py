@@ -93,30 +93,69 @@ def tiny_model():
     return make_model()
 
 
-def run_isolated(cmd, limit_s, what, **env):
-    """Run ``cmd`` (from the repo root, the repo importable) in its own session with a hard time
-    limit; its whole process group (torchrun, spawned ranks) is killed on the way out, so no
-    process outlives the test. Returns ``(returncode, combined output)``."""
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, its process group and every descendant's process group.
+
+    torchrun starts each rank in a session of its own (``start_new_session=True``), so killing
+    torchrun's group alone would leave the ranks running. Descendants are collected before
+    anything is killed: an orphan is reparented to init and could no longer be found.
+    """
     import signal
+    from pathlib import Path
+
+    children: dict = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def run_isolated(cmd, limit_s, what, kill_when=None, **env):
+    """Run ``cmd`` (from the repo root, the repo importable) in its own session with a hard time
+    limit; it and every process it started (torchrun's ranks run in sessions of their own) are
+    killed on the way out, so no process outlives the test. ``kill_when``: a predicate polled
+    every 0.1 s; once true the whole tree gets SIGKILL (a crash at a chosen point). Returns
+    ``(returncode, combined output)``."""
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", **env)
     proc = subprocess.Popen([sys.executable, *cmd], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + limit_s
     try:
-        log, _ = proc.communicate(timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"{what} exceeded {limit_s}s:\n{log[-3000:]}")
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                log, _ = proc.communicate(timeout=max(0.0, min(left, 0.1) if kill_when else left))
+                break
+            except subprocess.TimeoutExpired:
+                if kill_when is not None and kill_when():
+                    _kill_tree(proc.pid)
+                    log, _ = proc.communicate()
+                    break
+                if time.monotonic() >= deadline:
+                    _kill_tree(proc.pid)
+                    log, _ = proc.communicate()
+                    pytest.fail(f"{what} exceeded {limit_s}s:\n{log[-3000:]}")
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_tree(proc.pid)
     return proc.returncode, log
 
 

@@ -9,7 +9,8 @@ Nothing here is in the library: the instrumentation is monkeypatched in before `
 * prints ``SAVED <method>/<file>`` after each atomic checkpoint write; with ``--pause-write
   grades/ckpt-000000020.pt`` that write stops halfway through its temporary file, prints
   ``WRITING`` and sleeps, so the test can kill it mid-write (as tests/crash_train.py does);
-* saves each method's final parameters to ``FINAL_DIR/<method>.pt`` when it finishes training.
+* saves each method's final parameters to ``FINAL_DIR/<method>.pt`` when it finishes training
+  (under torchrun to ``FINAL_DIR/rank<R>/<method>.pt``: the ranks must not share a file).
 """
 import argparse
 import os
@@ -20,7 +21,7 @@ import torch
 
 import grades_optim.checkpoint as ckpt
 from grades_optim import cli
-from grades_optim.finetune import runner, train
+from grades_optim.finetune import parallel, runner, train
 
 
 def instrument(final_dir: str, step_delay: float, pause_write: str) -> None:
@@ -43,6 +44,14 @@ def instrument(final_dir: str, step_delay: float, pause_write: str) -> None:
             print(f"STEP {current['method']} {k}", flush=True)
             time.sleep(step_delay)
         return real_batch(self, index)
+
+    real_shard = parallel.Parallel.shard
+
+    def shard(self, index):  # under torchrun each rank trains on a slice: keep its step number
+        out = real_shard(self, index)
+        if id(index) in steps:
+            steps[id(out)] = steps[id(index)]
+        return out
 
     real_train = runner.train_method
 
@@ -69,6 +78,7 @@ def instrument(final_dir: str, step_delay: float, pause_write: str) -> None:
 
     train.Batches.order = order
     train.Batches.batch = batch
+    parallel.Parallel.shard = shard
     runner.train_method = train_method
     ckpt._write_atomic = write_atomic
 
@@ -81,8 +91,9 @@ def main() -> int:
     split = sys.argv.index("--")
     ns = ap.parse_args(sys.argv[1:split])
     argv = sys.argv[split + 1:]
-    os.makedirs(ns.final_dir, exist_ok=True)
-    instrument(ns.final_dir, ns.step_delay, ns.pause_write)
+    final_dir = ns.final_dir if "RANK" not in os.environ else os.path.join(ns.final_dir, f"rank{os.environ['RANK']}")
+    os.makedirs(final_dir, exist_ok=True)
+    instrument(final_dir, ns.step_delay, ns.pause_write)
     return cli.main(argv)
 
 

@@ -33,9 +33,16 @@ def tiny(tmp_path_factory):
     return ["finetune", "--model", str(model), "--dataset", str(data), *ARGS]
 
 
-def torchrun(args, out) -> tuple[int, str]:
-    return run_isolated(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         "-m", "grades_optim", *args, "--out", str(out)], LIMIT_S, "torchrun")
+def torchrun(args, out, nproc=2, kill_when=None, driver=("grades_optim",)) -> tuple[int, str]:
+    return run_isolated(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                         "-m", *driver, *args, "--out", str(out)], LIMIT_S, "torchrun", kill_when=kill_when)
+
+
+def _outcome(payload) -> dict:
+    """Everything a run decides (not its wall times): equal iff training was bit-identical."""
+    return {m["method"]: (m["steps"], m["stop_reason"], m["test_accuracy"], m["test_loss"], m["train_loss"],
+                          [c["frozen_at_step"] for c in m.get("components") or []])
+            for m in payload["methods"]}
 
 
 def test_two_ranks_write_one_report_and_agree(tiny, tmp_path):
@@ -65,10 +72,45 @@ def test_two_ranks_write_one_report_and_agree(tiny, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "15"], "--batch-size 15 is not divisible by the 2 torchrun processes"),
-    (["--resume"], "--resume is not supported under torchrun"),
 ])
 def test_bad_options_fail_cleanly_on_every_rank(tiny, tmp_path, extra, message):
     rc, log = torchrun([*tiny, *extra], tmp_path / "report")
     assert rc != 0
     assert log.count(f"grades-optim finetune: error: {message}") == 2, log[-3000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_run_resumes_bit_identically(tiny, tmp_path):
+    """SIGKILL the whole launch once GradES (the last method) has a checkpoint; ``--resume`` under
+    torchrun takes full and classic-es from the work folder, continues GradES from step 20 with
+    each rank's own RNG stream, and ends exactly where an uninterrupted launch ends."""
+    # dropout on: each rank consumes its own RNG stream (its shard pads to its own length)
+    model = make_tiny_model(tmp_path / "dropout-model", dropout=0.1)
+    tiny = [str(model) if a == tiny[tiny.index("--model") + 1] else a for a in tiny]
+    ref_out = tmp_path / "reference"
+    rc, log = torchrun(tiny, ref_out)
+    assert rc == 0, log[-5000:]
+    reference = json.loads((ref_out / "results.json").read_text())
+
+    out = tmp_path / "report"
+    ckpt = tmp_path / ".report.work" / "grades" / "ckpt-000000020.pt"
+    args = [*tiny, "--checkpoint-every", "10"]
+    # the test driver sleeps 50 ms per step, so the kill lands a step or two after that checkpoint
+    slow = ("tests.finetune_crash_driver", str(tmp_path / "final"), "--step-delay", "0.05", "--")
+    rc, log = torchrun(args, out, kill_when=ckpt.is_file, driver=slow)
+    assert rc != 0 and not out.exists(), log[-3000:]
+    assert (tmp_path / ".report.work" / "classic-es" / "result.json").is_file()
+
+    rc, log = torchrun([*args, "--resume"], out, nproc=1)  # another rank count is refused
+    assert rc != 0 and "differs in: world_size" in log, log[-3000:]
+
+    rc, log = torchrun([*args, "--resume"], out)
+    assert rc == 0, log[-5000:]
+    assert "grades: resumed from the checkpoint of step" in log
+    assert "method full: finished before the interruption" in log
+    resumed = json.loads((out / "results.json").read_text())
+    # (full and classic-es were checked by the killed launch; this one trained grades alone)
+    assert resumed["context"]["distributed"]["ranks_agree"] == {"grades": True}
+    assert _outcome(resumed) == _outcome(reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dropout-model", "final", "reference", "report"], \
+        "work folder removed"

@@ -10,8 +10,12 @@
 * evaluation (probes, classic-es validation, test) is sharded over the ranks and the sums are
   all-reduced, so every rank sees the same accuracy and loss and classic-es stops everywhere at once;
   the reported training loss is the mean over ranks;
-* rank 0 alone writes the report and prints the table; the process group is destroyed on the
-  way out, errors included.
+* rank 0 alone writes the report, the work folder and its checkpoints and prints the table;
+  every rank reads them, so ``--resume`` continues a killed torchrun run. A checkpoint carries
+  every rank's RNG state (each rank restores its own: nothing guarantees the ranks consume their
+  dropout streams alike, since their shards pad to their own lengths), and the work folder
+  records the number of ranks, so a run resumes only with the same ``--nproc_per_node``;
+* the process group is destroyed on the way out, errors included.
 """
 from __future__ import annotations
 
@@ -90,6 +94,19 @@ class Parallel:
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank (a collective: all ranks must call it)."""
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def agree(self, model: torch.nn.Module, extra: str) -> bool:
         """Whether every rank holds bit-identical parameters and the same ``extra`` summary."""

@@ -117,14 +117,9 @@ def _run(cfg: FinetuneConfig, parallel) -> tuple[dict, Optional[pathlib.Path]]:
     check_output_dir(out, cfg.overwrite)
     if parallel is not None:
         parallel.check_batch(cfg.batch_size)
-        if cfg.resume:
-            raise OutputError("--resume is not supported under torchrun yet; resume the run as a single "
-                              "process, or start it again")
-        if cfg.checkpoint_every:
-            logger.info("torchrun: no checkpoints are written (resume is single-process only)")
-        work = None
-    else:
-        work = WorkFolder.prepare(out, cfg)
+    # Under torchrun every rank applies the rules (the same refusal everywhere); rank 0 writes.
+    work = WorkFolder.prepare(out, cfg, world_size=parallel.world if parallel else 1,
+                              writer=parallel is None or parallel.is_main)
     threads = _threads(cfg, parallel)
     splits = _load_data(cfg)
     logger.info("data: %s (%d duplicates dropped)", splits.describe(), splits.duplicates_dropped)
@@ -136,20 +131,22 @@ def _run(cfg: FinetuneConfig, parallel) -> tuple[dict, Optional[pathlib.Path]]:
     logger.info("model: %s (%s), %d/%d parameters trainable", model_dir, type(base).__name__, trainable, total)
     train, val, test = (Batches(tokenizer, s, cfg.max_length) for s in (splits.train, splits.val, splits.test))
 
-    if work is not None:
+    if parallel is None or parallel.is_main:
         work.create()
+    if parallel is not None:
+        parallel.barrier()  # the folder exists (or was discarded) before any rank looks into it
     results, agree = [], {}
     for method in cfg.methods:
-        saved = work.load_result(method) if work is not None else None
+        saved = work.load_result(method)
         if saved is not None:
             logger.info("method %s: finished before the interruption; result taken from %s", method, work.path)
             results.append(MethodResult(**saved))
             continue
         logger.info("method %s: training", method)
-        ckpt = Checkpoints(work.checkpoints(method), cfg.checkpoint_every) if work is not None else None
+        ckpt = Checkpoints(work.checkpoints(method), cfg.checkpoint_every)
         model = fresh_copy(base)
         result = train_method(method, model, train, val, test, cfg, checkpoints=ckpt, parallel=parallel)
-        if work is not None:
+        if parallel is None or parallel.is_main:
             work.save_result(method, dataclasses.asdict(result))
         if parallel is not None:
             agree[method] = _check_agreement(parallel, method, model, result)
@@ -171,8 +168,7 @@ def _run(cfg: FinetuneConfig, parallel) -> tuple[dict, Optional[pathlib.Path]]:
             return payload, None
     history = [dict(h, method=r.method) for r in results for h in r.history]
     _write_atomically(out, payload, history, cfg.overwrite)
-    if work is not None:
-        work.remove()  # the report is in place: nothing left to resume
+    work.remove()  # the report is in place: nothing left to resume
     return payload, out
 
 

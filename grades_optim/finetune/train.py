@@ -150,12 +150,14 @@ class _Loop:
         return loop
 
 
-def _resume(ckpt: Checkpoints, method: str, model, opt, sched) -> tuple[int, _Loop]:
+def _resume(ckpt: Checkpoints, method: str, model, opt, sched, parallel=None) -> tuple[int, _Loop]:
     from grades_optim.checkpoint import load_checkpoint
 
     state = load_checkpoint(ckpt.directory, model=model, optimizer=opt, scheduler=sched)
     if state is None:
         return 0, _Loop()
+    if parallel is not None:  # the file holds rank 0's RNG; each rank continues its own stream
+        torch.set_rng_state(state["extra"][_RANK_RNG][parallel.rank])
     logger.info("%s: resumed from the checkpoint of step %d", method, state["step"])
     return state["step"], _Loop.from_extra(state["extra"], opt)
 
@@ -184,7 +186,7 @@ def train_method(method: str, model, train: Batches, val: Batches, test: Batches
         opt = _grades_optimizer(opt, net, cfg, total)  # given the DDP wrapper: it picks the freeze mode
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     order = train.order(total, cfg.batch_size, cfg.seed)
-    start, loop = _resume(checkpoints, method, model, opt, sched) if checkpoints else (0, _Loop())
+    start, loop = _resume(checkpoints, method, model, opt, sched, parallel) if checkpoints else (0, _Loop())
     main_rank = parallel is None or parallel.is_main
 
     stop_reason, step = "schedule finished", start
@@ -233,7 +235,7 @@ def train_method(method: str, model, train: Batches, val: Batches, test: Batches
             logger.warning("%s: loss became %s at step %d; stopping", method, loss, step)
             break
         if checkpoints and checkpoints.every and step % checkpoints.every == 0 and step < total:
-            _save(checkpoints, step, model, opt, sched, loop)  # clock paused: not training time
+            _save(checkpoints, step, model, opt, sched, loop, parallel)  # clock paused: not training time
     bar.close()
     if method == "classic-es" and loop.best_weights is not None:
         t0 = time.perf_counter()
@@ -253,11 +255,19 @@ def train_method(method: str, model, train: Batches, val: Batches, test: Batches
     return result
 
 
-def _save(ckpt: Checkpoints, step: int, model, opt, sched, loop: _Loop) -> None:
+_RANK_RNG = "rank_rng_states"
+
+
+def _save(ckpt: Checkpoints, step: int, model, opt, sched, loop: _Loop, parallel=None) -> None:
+    """Rank 0 writes (the ranks hold identical model, optimizer and loop state under DDP)."""
     from grades_optim.checkpoint import save_checkpoint
 
-    save_checkpoint(ckpt.directory, step, model=model, optimizer=opt, scheduler=sched,
-                    extra=loop.to_extra(opt))
+    extra = loop.to_extra(opt)
+    if parallel is not None:
+        extra[_RANK_RNG] = parallel.gather(torch.get_rng_state())  # collective: every rank calls it
+        if not parallel.is_main:
+            return
+    save_checkpoint(ckpt.directory, step, model=model, optimizer=opt, scheduler=sched, extra=extra)
 
 
 def _add_grades_details(result: MethodResult, opt) -> None:

@@ -47,12 +47,14 @@ def work_dir(out) -> pathlib.Path:
     return out.parent / f".{out.name}.work"
 
 
-def config_identity(cfg: FinetuneConfig) -> dict:
+def config_identity(cfg: FinetuneConfig, world_size: int = 1) -> dict:
     from .. import __version__
 
     ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_HASHED}
     ident["methods"] = list(ident["methods"])
     ident["grades_optim_version"] = __version__
+    if world_size > 1:  # torchrun: the batch split and the per-rank RNG states depend on it
+        ident["world_size"] = world_size
     return ident
 
 
@@ -80,10 +82,14 @@ class WorkFolder:
         self.resuming = resuming  # an existing folder of the same configuration is continued
 
     @classmethod
-    def prepare(cls, out, cfg: FinetuneConfig) -> "WorkFolder":
-        """Check the rules; discards an old folder only for ``--overwrite`` without ``--resume``."""
+    def prepare(cls, out, cfg: FinetuneConfig, world_size: int = 1, writer: bool = True) -> "WorkFolder":
+        """Check the rules; discards an old folder only for ``--overwrite`` without ``--resume``.
+
+        Under torchrun every rank calls this (each reaches the same decision, so a refusal is
+        raised everywhere) and only the ``writer`` (rank 0) discards or later creates anything.
+        """
         path = work_dir(out)
-        identity = config_identity(cfg)
+        identity = config_identity(cfg, world_size)
         if not path.exists():
             if cfg.resume:
                 logger.info("--resume: no interrupted run of --out %s (no %s); starting fresh", out, path)
@@ -104,8 +110,9 @@ class WorkFolder:
         if not cfg.overwrite:
             raise OutputError(f"{path} holds an interrupted run for --out {out}; pass --resume to continue "
                               "it, or --overwrite to discard it")
-        logger.warning("--overwrite: discarding the interrupted run in %s", path)
-        shutil.rmtree(path)
+        if writer:
+            logger.warning("--overwrite: discarding the interrupted run in %s", path)
+            shutil.rmtree(path)
         return cls(path, identity, resuming=False)
 
     @staticmethod
