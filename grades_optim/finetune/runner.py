@@ -120,6 +120,8 @@ def _run(cfg: FinetuneConfig, parallel) -> tuple[dict, Optional[pathlib.Path]]:
     # Under torchrun every rank applies the rules (the same refusal everywhere); rank 0 writes.
     work = WorkFolder.prepare(out, cfg, world_size=parallel.world if parallel else 1,
                               writer=parallel is None or parallel.is_main)
+    if parallel is not None:
+        parallel.barrier()  # every rank has decided before rank 0 creates the folder a late rank would see
     threads = _threads(cfg, parallel)
     splits = _load_data(cfg)
     logger.info("data: %s (%d duplicates dropped)", splits.describe(), splits.duplicates_dropped)
