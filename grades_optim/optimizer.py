@@ -148,6 +148,7 @@ class GradESOptimizer(torch.optim.Optimizer):
         self.last_check: list[CheckRecord] = []  # the live components' records of the latest check
         self.released_state_bytes = 0
         self.nonfinite_readings = 0  # component readings that were NaN/Inf (never count as converged)
+        self._warned_unmeasured = False  # said once: live components without any reading after grace
         if all(k in g for g in self.param_groups for k in _KEYS) and self._layout_error(self.param_groups) is None:
             self._adopt_groups()  # the inner already carries GradES state (a checkpoint loaded into it)
         self._write_groups()
@@ -236,6 +237,7 @@ class GradESOptimizer(torch.optim.Optimizer):
             "step": self._step,
             "released_state_bytes": self.released_state_bytes,
             "nonfinite_readings": self.nonfinite_readings,
+            "never_measured": len(self._never_measured()),
             "freeze_mode": self.freeze_mode,
             "should_stop": self.should_stop,
         }
@@ -351,6 +353,8 @@ class GradESOptimizer(torch.optim.Optimizer):
             records.append(CheckRecord(self._step, comp.name, comp.kind, _nan(values[c]),
                                        _nan(value), _nan(threshold), comp.frozen))
         self.last_check = records
+        if not self._warned_unmeasured and self._step > self.grace_steps:
+            self._warn_unmeasured()
         if self.record_history:
             self.history.extend(records)
             limit = self.record_history if construct.is_int(self.record_history) else None
@@ -363,6 +367,21 @@ class GradESOptimizer(torch.optim.Optimizer):
             logger.info("GradES step %d: froze %s (%d/%d frozen)", self._step,
                         ", ".join(c.name for c in newly), s["frozen"], s["tracked"])
         self._write_groups()
+
+    def _never_measured(self) -> list:
+        """Live components that have not had one usable reading yet (no gradient, or NaN/Inf)."""
+        return [c for c, st in zip(self.components, self._states) if not c.frozen and st.smoothed is None]
+
+    def _warn_unmeasured(self) -> None:
+        # A matrix that never gets a gradient can never freeze, so should_stop would stay False
+        # for the whole run without a word; say so once, when the grace period is over.
+        self._warned_unmeasured = True
+        missing = self._never_measured()
+        if missing:
+            logger.warning("GradES step %d: %d of %d tracked components have had no usable gradient reading "
+                           "yet (%s); they cannot freeze, so should_stop stays False until they do. If they "
+                           "never receive gradients, leave them out with matcher= or components=",
+                           self._step, len(missing), len(self.components), _short(c.name for c in missing))
 
     # -- freezing --------------------------------------------------------------------------
     def _freeze(self, comp: Component) -> None:

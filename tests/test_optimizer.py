@@ -321,16 +321,23 @@ def test_metric_values_match_a_float64_reference(metric, reduction):
         prev = grads
 
 
-def test_components_without_grad_are_not_measured_nor_frozen():
+def test_components_without_grad_are_not_measured_nor_frozen(caplog):
     model = make_model()
-    opt = wrap(model, tau=1e9)  # everything measured would freeze at once
-    inject(model, 0)
-    for p in model.model.layers[1].parameters():
-        p.grad = None
-    opt.step()
+    opt = wrap(model, tau=1e9, grace_steps=1)  # everything measured after the grace would freeze at once
+    for step in range(3):
+        inject(model, step)
+        for p in model.model.layers[1].parameters():
+            p.grad = None
+        with caplog.at_level("WARNING", logger="grades_optim"):
+            opt.step()
     frozen = {c.name for c in opt.components if c.frozen}
     assert frozen and not any(".layers.1." in n for n in frozen)
     assert all(math.isnan(r.metric) for r in opt.history if ".layers.1." in r.component)
+    # they block the stop, and the user is told so once (after the grace period), by name
+    assert opt.summary()["never_measured"] == 7 and not opt.should_stop
+    warnings = [r.getMessage() for r in caplog.records if "no usable gradient reading" in r.getMessage()]
+    assert len(warnings) == 1 and "GradES step 2: 7 of 14" in warnings[0]
+    assert "layers.1.self_attn.q_proj" in warnings[0] and "layers.0." not in warnings[0]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
