@@ -81,8 +81,8 @@ def test_bad_options_fail_cleanly_on_every_rank(tiny, tmp_path, extra, message):
 
 
 def test_killed_run_resumes_bit_identically(tiny, tmp_path):
-    """SIGKILL the whole launch once GradES (the last method) has a checkpoint; ``--resume`` under
-    torchrun takes full and classic-es from the work folder, continues GradES from step 20 with
+    """SIGKILL the whole launch once GradES (the last method) has its step-10 checkpoint; ``--resume`` under
+    torchrun takes full and classic-es from the work folder, continues GradES from step 10 with
     each rank's own RNG stream, and ends exactly where an uninterrupted launch ends."""
     # dropout on: each rank consumes its own RNG stream (its shard pads to its own length)
     model = make_tiny_model(tmp_path / "dropout-model", dropout=0.1)
@@ -93,10 +93,11 @@ def test_killed_run_resumes_bit_identically(tiny, tmp_path):
     reference = json.loads((ref_out / "results.json").read_text())
 
     out = tmp_path / "report"
-    ckpt = tmp_path / ".report.work" / "grades" / "ckpt-000000020.pt"
+    ckpt = tmp_path / ".report.work" / "grades" / "ckpt-000000010.pt"
     args = [*tiny, "--checkpoint-every", "10"]
-    # the test driver sleeps 50 ms per step, so the kill lands a step or two after that checkpoint
-    slow = ("tests.finetune_crash_driver", str(tmp_path / "final"), "--step-delay", "0.05", "--")
+    # the test driver sleeps 0.1 s per step, so the kill lands a step or two after that checkpoint,
+    # long before GradES stops (~step 38)
+    slow = ("tests.finetune_crash_driver", str(tmp_path / "final"), "--step-delay", "0.1", "--")
     rc, log = torchrun(args, out, kill_when=ckpt.is_file, driver=slow)
     assert rc != 0 and not out.exists(), log[-3000:]
     assert (tmp_path / ".report.work" / "classic-es" / "result.json").is_file()
