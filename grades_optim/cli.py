@@ -45,8 +45,8 @@ _HELP = {
     "probe_every": "validation-accuracy probe every N steps for the accuracy plot, clock paused "
                    "(default 50; 0 disables; --quick disables)",
     "seed": "seed for the split, the head initialisation, batches and dropout (default 0)",
-    "threads": "torch CPU threads (default: all CPUs this process may use; under torchrun an equal "
-               "share per rank)",
+    "threads": "torch CPU threads (default: the CPUs this process may use minus those other processes "
+               "keep busy, sampled from /proc/stat for 0.3 s; under torchrun an equal share per rank)",
     "checkpoint_every": "save a crash-safe checkpoint every N optimizer steps in the hidden work folder "
                         "beside --out (default 50; 0: none, finished methods are still kept)",
 }

@@ -6,9 +6,12 @@ nothing behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -17,6 +20,7 @@ from finetune_fixtures import make_rows, make_tiny_model, write_csv, write_jsonl
 
 from grades_optim.cli import main  # noqa: E402
 from grades_optim.finetune import data as ft_data  # noqa: E402
+from grades_optim.finetune import FinetuneConfig  # noqa: E402
 from grades_optim.finetune.errors import DatasetError  # noqa: E402
 
 FAST = ["--threads", "1", "--quiet", "--max-steps", "60", "--batch-size", "16", "--max-length", "16",
@@ -246,3 +250,28 @@ def test_help_states_the_config_defaults():
             assert float(found.group(1)) == float(getattr(cfg, field)), (field, text)
             checked += 1
     assert checked >= 10
+
+
+def test_thread_choice_counts_busy_cores_from_proc_stat(monkeypatch):
+    from grades_optim.finetune import runner
+
+    # cpu0 fully busy, cpu1 idle, cpu2 half busy, cpu3 missing from the second sample
+    before = {0: (100, 200), 1: (50, 200), 2: (0, 100), 3: (0, 100)}
+    after = {0: (200, 300), 1: (50, 300), 2: (50, 200)}
+    assert runner.busy_between(before, after, [0, 1, 2, 3]) == pytest.approx(1.5)
+    assert runner.busy_between(before, after, [1]) == 0.0
+    assert runner.busy_between(before, before, [0, 1]) == 0.0  # no time passed: nothing known
+    if runner._cpu_times() is not None:  # Linux: every core this process may use is sampled
+        assert set(os.sched_getaffinity(0)) <= set(runner._cpu_times())
+
+    # the choice: all cores minus the busy ones, at least one; the log names the source
+    cfg = FinetuneConfig()
+    cores = len(os.sched_getaffinity(0))
+    saved = torch.get_num_threads()  # _threads sets torch's thread count: put it back
+    try:
+        for busy, want in ((0.2, cores), (cores - 0.2, 1), (cores + 3.0, 1)):
+            monkeypatch.setattr(runner, "_busy_cores", lambda c, b=busy: (b, "/proc/stat"))
+            assert runner._threads(cfg) == want
+        assert runner._threads(dataclasses.replace(cfg, threads=1)) == 1
+    finally:
+        torch.set_num_threads(saved)

@@ -17,6 +17,7 @@ import pathlib
 import platform
 import shutil
 import tempfile
+import time
 from typing import Optional
 
 import torch
@@ -53,20 +54,60 @@ def _threads(cfg: FinetuneConfig, parallel=None) -> int:
     """``--threads`` or the CPUs not already busy: on a shared 2-core machine with the other core
     taken, 2 intra-op threads ran a MiniLM step 2.5x slower than 1 (5.6 s vs 2.2 s, measured).
     Under torchrun each rank takes an equal share of the cores."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     if cfg.threads:
         n = cfg.threads
     elif parallel is not None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = max(1, cores // parallel.local_world)
+        n = max(1, len(cores) // parallel.local_world)
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
-        n = max(1, min(cores, cores - busy + 1))
-        if n < cores:
-            logger.info("using %d of %d CPU threads: load average %.1f says the others are busy "
-                        "(override with --threads)", n, cores, os.getloadavg()[0])
+        busy, how = _busy_cores(cores)
+        n = max(1, min(len(cores), len(cores) - int(busy + 0.5)))
+        if n < len(cores):
+            logger.info("using %d of %d CPU threads: %s says %.1f cores are busy (override with --threads)",
+                        n, len(cores), how, busy)
     torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def _busy_cores(cores: list, interval: float = 0.3) -> tuple[float, str]:
+    """How many of ``cores`` other processes keep busy now, and how that was measured.
+
+    Sampled from ``/proc/stat`` over ``interval`` seconds: the 1-minute load average also counts a
+    run that just ended (right after ``--quick`` it reads ~1.7 on an idle 2-core machine).
+    """
+    before = _cpu_times()
+    if before is not None:
+        time.sleep(interval)
+        after = _cpu_times()
+        if after is not None:
+            return busy_between(before, after, cores), "/proc/stat"
+    if hasattr(os, "getloadavg"):
+        return max(0.0, os.getloadavg()[0] - 1.0), "the load average"  # minus this process
+    return 0.0, "nothing"
+
+
+def _cpu_times() -> Optional[dict]:
+    """``{cpu index: (busy jiffies, total jiffies)}`` from ``/proc/stat``, or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            lines = [line.split() for line in f if line.startswith("cpu") and line[3:4].isdigit()]
+    except OSError:
+        return None
+    times = {}
+    for fields in lines:
+        ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        times[int(fields[0][3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return times
+
+
+def busy_between(before: dict, after: dict, cores: list) -> float:
+    """Busy cores among ``cores`` between two :func:`_cpu_times` samples (0 where a core is missing)."""
+    busy = 0.0
+    for c in cores:
+        if c in before and c in after:
+            total = after[c][1] - before[c][1]
+            busy += (after[c][0] - before[c][0]) / total if total > 0 else 0.0
+    return busy
 
 
 def context_line(threads: int, seed: int) -> str:
