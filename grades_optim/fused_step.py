@@ -50,7 +50,8 @@ __all__ = ["FusedStep", "attach", "static_reason"]
 logger = logging.getLogger("grades_optim")
 
 _KINDS = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd"}
-_FUSED_METRICS = {"grad_l1": 1, "grad_l2": 2}
+# metric -> the kernels' ord (3: the stored weight change, computed in the update's own pass)
+_FUSED_METRICS = {"grad_l1": 1, "grad_l2": 2, "weight_delta_l1": 3}
 # Group options the kernels do not implement: any truthy value sends the step to the reference path.
 _UNSUPPORTED = {"adam": ("amsgrad", "capturable", "differentiable", "fused"), "sgd": ("differentiable",)}
 _WHY = {"fused": "keeps `step` on the device (reading it would be a host sync); use fused=False, the GradES "
@@ -71,7 +72,8 @@ def static_reason(opt) -> Optional[str]:
         return (f"inner optimizer {type(opt.optimizer).__name__} has no fused kernel (exactly torch.optim.AdamW, "
                 "Adam or SGD)")
     if opt.metric not in _FUSED_METRICS:
-        return f"metric={opt.metric!r} is measured by the reference path (fused: grad_l1, grad_l2)"
+        return (f"metric={opt.metric!r} is measured by the reference path (fused: "
+                f"{', '.join(_FUSED_METRICS)})")
     return None
 
 
@@ -174,7 +176,15 @@ class FusedStep:
             ordered += items
             sums.append(out)
         opt._masked_inner_step(hide_tracked=True)
-        return ordered, (torch.cat(sums) if check and sums else None)
+        sums = torch.cat(sums) if check and sums else None
+        if sums is not None and self.ord == 3:
+            # Like the reference path: a step at lr=0 (a warm-up's first) moves nothing, and a
+            # weight change of exactly 0.0 there is no reading, not convergence.
+            keep = [k for k, (_, p) in enumerate(ordered) if float(opt.param_groups[where[id(p)]]["lr"]) != 0.0]
+            if len(keep) < len(ordered):
+                ordered = [ordered[k] for k in keep]
+                sums = sums[torch.tensor(keep, dtype=torch.long, device=sums.device)]
+        return ordered, sums
 
     def _adam(self, group: dict, params: list, check: bool):
         state = self.opt.state

@@ -9,8 +9,9 @@ or Adam with L2 weight decay (``decoupled=False``) update, in fp32, with torch's
     v  = β2·v + (1 − β2)·g²
     p −= (lr / (1 − β1^s)) · m / (sqrt(v) / sqrt(1 − β2^s) + eps)
 
-and, from the gradient already in registers, ``Σ|grad_t|`` (``ord=1``, the GradES ``grad_l1``
-metric) or ``Σ grad_t²`` (``ord=2``, for ``grad_l2``) as one
+and, from the values already in registers, ``Σ|grad_t|`` (``ord=1``, the GradES ``grad_l1``
+metric), ``Σ grad_t²`` (``ord=2``, for ``grad_l2``) or ``Σ|p_new − p_old|`` of the stored param
+(``ord=3``, for ``weight_delta_l1``: no copy of the weights is kept) as one
 fp32 partial per chunk, reduced per tensor in a fixed order by ``tensor_sums``'s finish kernel.
 Inactive (frozen) tensors: each of their programs writes a zero partial and returns; params,
 grads and moments are not touched. State is torch's: ``exp_avg``, ``exp_avg_sq`` (fp32 tensors)
@@ -66,12 +67,15 @@ def _adamw_math(p, g, m, v, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
 
 
 @triton.jit
-def _metric_term(g, ORD: tl.constexpr):
-    # The raw gradient, before maximize or weight decay: what the reference path measures.
+def _metric_term(g, p_old, p_new, ORD: tl.constexpr):
+    # ORD 1/2: the raw gradient, before maximize or weight decay (what the reference path
+    # measures). ORD 3: the weight change |W_t − W_{t−1}| of the value as stored (weight_delta_l1).
     if ORD == 1:
         r = tl.abs(g)
-    else:
+    elif ORD == 2:
         r = g * g
+    else:
+        r = tl.abs(p_new.to(tl.float32) - p_old)
     return r
 
 
@@ -113,11 +117,13 @@ def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_pt
     for i in range(0, n_full):
         o = i * BLOCK + offs
         g = tl.load(g_ptr + o).to(tl.float32)
-        acc += _metric_term(g, ORD)
-        p, m, v = _adamw_math(tl.load(p_ptr + o).to(tl.float32), g, tl.load(m_ptr + o), tl.load(v_ptr + o), decay,
+        p_old = tl.load(p_ptr + o).to(tl.float32)
+        p, m, v = _adamw_math(p_old, g, tl.load(m_ptr + o), tl.load(v_ptr + o), decay,
                               one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt,
                               DECOUPLED, MAXIMIZE)
-        tl.store(p_ptr + o, _to_param_dtype(p, P_DTYPE))
+        p_new = _to_param_dtype(p, P_DTYPE)
+        acc += _metric_term(g, p_old, p_new, ORD)
+        tl.store(p_ptr + o, p_new)
         tl.store(m_ptr + o, m)
         tl.store(v_ptr + o, v)
     tail = n_full * BLOCK
@@ -125,12 +131,14 @@ def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_pt
         o = tail + offs
         mask = o < n
         g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
-        acc += _metric_term(g, ORD)
-        p, m, v = _adamw_math(tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32), g,
+        p_old = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
+        p, m, v = _adamw_math(p_old, g,
                               tl.load(m_ptr + o, mask=mask, other=0.0), tl.load(v_ptr + o, mask=mask, other=0.0),
                               decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt,
                               DECOUPLED, MAXIMIZE)
-        tl.store(p_ptr + o, _to_param_dtype(p, P_DTYPE), mask=mask)
+        p_new = _to_param_dtype(p, P_DTYPE)
+        acc += tl.where(mask, _metric_term(g, p_old, p_new, ORD), 0.0)
+        tl.store(p_ptr + o, p_new, mask=mask)
         tl.store(m_ptr + o, m, mask=mask)
         tl.store(v_ptr + o, v, mask=mask)
     tl.store(partials_ptr + blk, tl.sum(acc, axis=0))

@@ -28,8 +28,8 @@ def check_flags(active, n: int) -> None:
 
 
 def check_ord(ord) -> None:
-    if ord not in (1, 2):
-        raise ValueError(f"Invalid ord: {ord!r}; expected 1 (Σ|grad|) or 2 (Σgrad²)")
+    if ord not in (1, 2, 3):
+        raise ValueError(f"Invalid ord: {ord!r}; expected 1 (Σ|grad|), 2 (Σgrad²) or 3 (Σ|p_new − p_old|)")
 
 
 def host_flags(active) -> list[bool]:
@@ -87,10 +87,11 @@ def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch
                                         lr, beta1, beta2)
     out = []
     for i, (p, g, m, v) in enumerate(zip(*lists[:4])):
-        out.append(metric_sum(g, ord) if flags[i] else torch.zeros((), device=p.device))
         if not flags[i]:
+            out.append(torch.zeros((), device=p.device))
             continue
-        p32, g32 = p.float(), g.float()
+        before = p.detach().float().clone()  # .float() of an fp32 tensor is the tensor itself
+        p32, g32 = before.clone(), g.float()
         g32 = -g32 if maximize else g32
         if decoupled:
             p32.mul_(1 - lr * weight_decay)
@@ -100,10 +101,14 @@ def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch
         v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
         p32.addcdiv_(m, v.sqrt() / bc2_sqrt[i] + eps, value=-step_size[i])
         p.copy_(p32)  # .copy_ from fp32 rounds to nearest even, like the kernel's store
+        out.append(metric_sum(g, ord, before, p))
     return stack_metric(out, metric)
 
 
-def metric_sum(g: torch.Tensor, ord: int) -> torch.Tensor:
+def metric_sum(g: torch.Tensor, ord: int, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """The kernel's per-tensor metric: of the raw gradient, or (``ord=3``) of the stored weight change."""
+    if ord == 3:
+        return (after.float() - before).abs().sum()
     g32 = g.float()
     return g32.abs().sum() if ord == 1 else (g32 * g32).sum()
 

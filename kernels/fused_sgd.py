@@ -10,8 +10,8 @@ update in fp32:
     d = d + μ·buf (nesterov)  |  d = buf
     p -= lr·d
 
-and, from the raw gradient already in registers, ``Σ|grad_t|`` (``ord=1``) or ``Σ grad_t²``
-(``ord=2``) as one fp32 partial per chunk, reduced per tensor in a fixed order (no atomics).
+and, from the values already in registers, ``Σ|grad_t|`` (``ord=1``), ``Σ grad_t²`` (``ord=2``)
+or the stored weight change ``Σ|p_new − p_old|`` (``ord=3``) as one fp32 partial per chunk, reduced per tensor in a fixed order (no atomics).
 Inactive (frozen) tensors: their programs write a zero partial and return; nothing else is read or
 written.
 
@@ -87,14 +87,16 @@ def _fused_sgd_kernel(p_addr_ptr, g_addr_ptr, b_addr_ptr, numel_ptr, block_tenso
     for i in range(0, n_full):
         o = i * BLOCK + offs
         g = tl.load(g_ptr + o).to(tl.float32)
-        acc += _metric_term(g, ORD)
         if MOMENTUM:
             buf = tl.load(b_ptr + o).to(tl.float32)  # garbage on the first step; tl.where drops it
         else:
             buf = g
-        p, buf = _sgd_math(tl.load(p_ptr + o).to(tl.float32), g, buf, init, lr, momentum, one_minus_dampening,
+        p_old = tl.load(p_ptr + o).to(tl.float32)
+        p, buf = _sgd_math(p_old, g, buf, init, lr, momentum, one_minus_dampening,
                            weight_decay, P_DTYPE, MOMENTUM, NESTEROV, MAXIMIZE)
-        tl.store(p_ptr + o, _to_param_dtype(p, P_DTYPE))
+        p_new = _to_param_dtype(p, P_DTYPE)
+        acc += _metric_term(g, p_old, p_new, ORD)
+        tl.store(p_ptr + o, p_new)
         if MOMENTUM:
             tl.store(b_ptr + o, buf)
     tail = n_full * BLOCK
@@ -102,14 +104,16 @@ def _fused_sgd_kernel(p_addr_ptr, g_addr_ptr, b_addr_ptr, numel_ptr, block_tenso
         o = tail + offs
         mask = o < n
         g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
-        acc += _metric_term(g, ORD)
         if MOMENTUM:
             buf = tl.load(b_ptr + o, mask=mask, other=0.0).to(tl.float32)
         else:
             buf = g
-        p, buf = _sgd_math(tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32), g, buf, init, lr, momentum,
+        p_old = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
+        p, buf = _sgd_math(p_old, g, buf, init, lr, momentum,
                            one_minus_dampening, weight_decay, P_DTYPE, MOMENTUM, NESTEROV, MAXIMIZE)
-        tl.store(p_ptr + o, _to_param_dtype(p, P_DTYPE), mask=mask)
+        p_new = _to_param_dtype(p, P_DTYPE)
+        acc += tl.where(mask, _metric_term(g, p_old, p_new, ORD), 0.0)
+        tl.store(p_ptr + o, p_new, mask=mask)
         if MOMENTUM:
             tl.store(b_ptr + o, buf, mask=mask)
     tl.store(partials_ptr + blk, tl.sum(acc, axis=0))

@@ -47,10 +47,11 @@ def torch_fused_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.T
     flags = host_flags(active)
     out = []
     for i, (p, g) in enumerate(zip(params, grads)):
-        out.append(metric_sum(g, ord) if flags[i] else torch.zeros((), device=p.device))
         if not flags[i]:
+            out.append(torch.zeros((), device=p.device))
             continue
-        p32, d = p.float(), g.float()
+        before = p.detach().float().clone()
+        p32, d = before.clone(), g.float()
         d = -d if maximize else d
         if weight_decay != 0:
             d = d + weight_decay * p32
@@ -66,4 +67,5 @@ def torch_fused_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.T
             d = d + momentum * b32 if nesterov else b32
         p32.add_(d, alpha=-lr)
         p.copy_(p32)
+        out.append(metric_sum(g, ord, before, p))
     return stack_metric(out, metric)

@@ -90,6 +90,28 @@ def test_fused_path_matches_reference_path(inner, metric):
             torch.testing.assert_close(st[key], st_ref[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("inner", ["adamw", "sgd_momentum"])
+def test_fused_weight_delta_matches_reference_path(inner):
+    """weight_delta_l1 on the fused path: |W_t − W_{t−1}| from the update's own pass (no weight copy)
+    gives the reference path's readings, freezes and parameters; a lr=0 step reads nothing."""
+    ref_model, ref, _ = _run(inner, "torch", metric="weight_delta_l1")
+    model, fast, _ = _run(inner, "triton", metric="weight_delta_l1")
+    assert fast.fast_path.startswith("triton fused") and fast.fast_path.endswith("weight_delta_l1 (tracked matrices)")
+    _assert_same_history(ref, fast)
+    assert any(c.frozen for c in ref.components)
+    for (name, a), b in zip(ref_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    # lr=0 (a linear warm-up's first step): no reading on either path, so nothing counts as converged
+    for impl in ("torch", "triton"):
+        m = make_model()
+        opt = GradESOptimizer(INNERS[inner](m.parameters()), model=m, impl=impl, metric="weight_delta_l1", tau=1e9)
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+        inject(m, 0)
+        opt.step()
+        assert all(math.isnan(r.metric) for r in opt.last_check) and not any(c.frozen for c in opt.components)
+
+
 def _continue(model, opt, start, stop):
     for s in range(start, stop):
         inject(model, s, _scales(s))

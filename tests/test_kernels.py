@@ -261,9 +261,9 @@ sig.update(step_size_ptr="*fp32", bc2_sqrt_ptr="*fp32", partials_ptr="*fp32", bl
 sig.update(dict.fromkeys(["decay", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay"], "fp32"))
 sig.update(dict.fromkeys(["P_DTYPE", "DECOUPLED", "MAXIMIZE", "ORD", "CHUNK", "BLOCK", "ALIGNED"], "constexpr"))
 attrs = {(i,): [["tt.divisibility", 16]] for i in range(11)}
-for p_dt in (tl.float32, tl.bfloat16):
+for p_dt, ord in ((tl.float32, 1), (tl.bfloat16, 1), (tl.float32, 3), (tl.bfloat16, 3)):
     for aligned in (True, False):
-        const = dict(P_DTYPE=p_dt, DECOUPLED=True, MAXIMIZE=False, ORD=1, CHUNK=K.DEFAULT_CHUNK_SIZE, BLOCK=K._MAX_BLOCK,
+        const = dict(P_DTYPE=p_dt, DECOUPLED=True, MAXIMIZE=False, ORD=ord, CHUNK=K.DEFAULT_CHUNK_SIZE, BLOCK=K._MAX_BLOCK,
                      ALIGNED=aligned)
         ptx = compile(ASTSource(F._fused_adamw_kernel, sig, const, attrs=attrs), target=target,
                       options={"num_warps": K._NUM_WARPS}).asm["ptx"]
@@ -276,8 +276,8 @@ sig.update(partials_ptr="*fp32", block_base="i64")
 sig.update(dict.fromkeys(["lr", "momentum", "one_minus_dampening", "weight_decay"], "fp32"))
 sig.update(dict.fromkeys(["P_DTYPE", "MOMENTUM", "NESTEROV", "MAXIMIZE", "ORD", "CHUNK", "BLOCK", "ALIGNED"], "constexpr"))
 attrs = {(i,): [["tt.divisibility", 16]] for i in range(9)}
-for aligned in (True, False):
-    const = dict(P_DTYPE=tl.float32, MOMENTUM=True, NESTEROV=False, MAXIMIZE=False, ORD=2, CHUNK=K.DEFAULT_CHUNK_SIZE,
+for aligned, ord in ((True, 2), (False, 2), (True, 3)):
+    const = dict(P_DTYPE=tl.float32, MOMENTUM=True, NESTEROV=False, MAXIMIZE=False, ORD=ord, CHUNK=K.DEFAULT_CHUNK_SIZE,
                  BLOCK=K._MAX_BLOCK, ALIGNED=aligned)
     ptx = compile(ASTSource(S._fused_sgd_kernel, sig, const, attrs=attrs), target=target,
                   options={"num_warps": K._NUM_WARPS}).asm["ptx"]
@@ -448,6 +448,37 @@ def test_fused_sgd_matches_torch_optim_20_steps(momentum, dampening, nesterov, w
     for i, (p0, b0) in snapshot.items():  # frozen: bit-untouched, and no buffer created for a never-live one
         assert torch.equal(params[i], p0) and (b0 is None or torch.equal(bufs[i], b0))
     assert bufs[5] is None
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_steps_weight_delta_metric_matches_float64(kind, dtype):
+    """``ord=3``: Σ|p_new − p_old| of the values as stored (weight_delta_l1 without a weight copy),
+    against float64 on snapshots, for the kernel and its twin; frozen tensors read 0 and stay put."""
+    from grades_optim.kernels import fused_sgd as S
+
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(37,), (16, 9), (1,), (0,), (300,)]
+    active = [True, False, True, True, True]
+    for impl in ("kernel", "twin"):
+        params = [torch.randn(sh, generator=gen).to(dtype) for sh in shapes]
+        grads = [torch.randn(sh, generator=gen).to(dtype) for sh in shapes]
+        m, v = [torch.zeros(sh) for sh in shapes], [torch.zeros(sh) for sh in shapes]
+        steps, bufs = [torch.tensor(0.0) for _ in shapes], [None] * len(shapes)
+        for _ in range(2):  # the second step has state (moments, momentum buffers)
+            before = [p.clone() for p in params]
+            if kind == "adamw":
+                fn = F.fused_adamw_step if impl == "kernel" else F.torch_fused_adamw_step
+                got = fn(params, grads, m, v, steps, active, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+                         weight_decay=0.1, ord=3, **({"chunk_size": 64} if impl == "kernel" else {}))
+            else:
+                fn = S.fused_sgd_step if impl == "kernel" else S.torch_fused_sgd_step
+                got = fn(params, grads, bufs, active, lr=5e-2, momentum=0.9, weight_decay=0.01, ord=3,
+                         **({"chunk_size": 64} if impl == "kernel" else {}))
+            want = _ref_delta_sums([p if a else torch.zeros(0) for p, a in zip(params, active)],
+                                   [b if a else torch.zeros(0) for b, a in zip(before, active)], 1)
+            _close(got, want)
+            assert got[2] > 0 and torch.equal(params[1], before[1]) and got[1] == 0
 
 
 def test_fused_steps_with_device_flags_and_cached_tables():
