@@ -15,6 +15,10 @@ Providers:
   grades-fused  grades_optim.kernels.fused_adamw.fused_adamw_step over all matrices with per-tensor
                 active flags (frozen ones return at once), Σ|grad| per matrix from the same pass,
                 as at a check step (the metric's finish launch included)
+  torch-fused+copy-wdelta   a weight_delta_l1 check on the reference path: copy the live weights,
+                torch-fused step, Σ|W_t − W_{t−1}| per matrix
+  grades-fused-wdelta       the fused step with ord=3: Σ|W_t − W_{t−1}| of the stored values from
+                the update's own pass (no copy)
 
 Usage:
   python benchmarks/bench_fused_step.py                 # GPU, CSV + markdown to benchmarks/results/
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     from grades_optim.kernels import fused_adamw as F
+    from grades_optim.kernels.dispatch import torch_tensor_delta_sums
 
     sets = parse_sets(parser, args.sets)
     context = run_context(device, cuda, args.quick, triton.__version__)
@@ -109,11 +114,20 @@ def main(argv: list[str] | None = None) -> int:
             for lp, g, a in zip(live, [g for g, a in zip(grads, active) if a], active):
                 lp.grad = g
             torch_opt = torch.optim.AdamW(live, fused=True, **HYPER)
+            kw = dict(lr=HYPER["lr"], beta1=HYPER["betas"][0], beta2=HYPER["betas"][1], eps=HYPER["eps"],
+                      weight_decay=HYPER["weight_decay"])
+
+            def copy_step_delta(opt=torch_opt, live=live):
+                # the reference path's weight_delta_l1 check: copy the live weights, step, Σ|ΔW|
+                before = [p.detach().clone() for p in live]
+                opt.step()
+                return torch_tensor_delta_sums([p.detach() for p in live], before, 1)
+
             providers = {
                 "torch-fused": torch_opt.step,
-                "grades-fused": lambda: F.fused_adamw_step(
-                    params, grads, m, v, steps, active, lr=HYPER["lr"], beta1=HYPER["betas"][0],
-                    beta2=HYPER["betas"][1], eps=HYPER["eps"], weight_decay=HYPER["weight_decay"]),
+                "grades-fused": lambda: F.fused_adamw_step(params, grads, m, v, steps, active, **kw),
+                "torch-fused+copy-wdelta": copy_step_delta,
+                "grades-fused-wdelta": lambda: F.fused_adamw_step(params, grads, m, v, steps, active, ord=3, **kw),
             }
             base = dict(kernel_name="adamw_step", model_set=name, frozen_pct=100 * (1 - live_el / n_el),
                         n_tensors=len(params), n_elements=n_el, live_elements=live_el, **context)

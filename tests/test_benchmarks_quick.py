@@ -36,7 +36,8 @@ def test_bench_fused_step_quick(tmp_path):
     with (tmp_path / "bench_fused_step_quick.csv").open() as f:
         rows = list(csv.DictReader(f))
     steps = [r for r in rows if r["kernel_name"] == "adamw_step" and r["metric_name"] == "time"]
-    assert {r["provider"] for r in steps} == {"torch-fused", "grades-fused"}
+    assert {r["provider"] for r in steps} == {"torch-fused", "grades-fused", "torch-fused+copy-wdelta",
+                                              "grades-fused-wdelta"}
     assert {r["model_set"] for r in steps} == {"qwen3-0.6b", "qwen2.5-1.5b"}
     assert {round(float(r["frozen_pct"]), 1) for r in steps} == {0.0, 50.0, 87.5}
     assert any(r["kernel_name"] == "copy" for r in rows) and all(float(r["y_50"]) > 0 for r in rows)
