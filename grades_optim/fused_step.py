@@ -177,10 +177,9 @@ class FusedStep:
             sums.append(out)
         opt._masked_inner_step(hide_tracked=True)
         sums = torch.cat(sums) if check and sums else None
-        if sums is not None and self.ord == 3:
-            # Like the reference path: a step at lr=0 (a warm-up's first) moves nothing, and a
-            # weight change of exactly 0.0 there is no reading, not convergence.
-            keep = [k for k, (_, p) in enumerate(ordered) if float(opt.param_groups[where[id(p)]]["lr"]) != 0.0]
+        zero = opt._zero_lr_groups() if sums is not None and self.ord == 3 else None
+        if zero:  # as on the reference path: a step at lr=0 gives no weight-delta reading
+            keep = [k for k, (_, p) in enumerate(ordered) if where[id(p)] not in zero]
             if len(keep) < len(ordered):
                 ordered = [ordered[k] for k in keep]
                 sums = sums[torch.tensor(keep, dtype=torch.long, device=sums.device)]

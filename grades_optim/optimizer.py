@@ -281,10 +281,7 @@ class GradESOptimizer(torch.optim.Optimizer):
             values = self._measure_grad_delta(live)
         before = None
         if check and self.metric == "weight_delta_l1":
-            # A step taken at lr=0 (the first step of a linear warm-up) moves nothing: a weight delta
-            # of exactly 0.0 there is no reading, not convergence.
-            still = {id(p) for g in self.param_groups if g.get("lr") is not None and float(g["lr"]) == 0.0
-                     for p in g["params"]}  # at checks only: reading a GPU lr syncs, as the check does
+            still = {id(p) for g in self._zero_lr_groups() for p in self.param_groups[g]["params"]}
             live = [(c, p) for c, p in live if id(p) not in still]
             before = [p.detach().clone() for _, p in live]
         self._masked_inner_step()
@@ -293,6 +290,15 @@ class GradESOptimizer(torch.optim.Optimizer):
         if self.metric == "grad_delta_l1":
             self._keep_prev_grads(live)
         return values
+
+    def _zero_lr_groups(self) -> set:
+        """Indices of the groups stepping at lr=0 now (the first step of a linear warm-up).
+
+        Such a step moves nothing: a weight delta of exactly 0.0 there is no reading, not
+        convergence. Called at checks only: reading a GPU lr syncs, as the check does anyway.
+        """
+        return {g for g, group in enumerate(self.param_groups)
+                if group.get("lr") is not None and float(group["lr"]) == 0.0}
 
     def _live_tracked_with_grad(self):
         """(component index, param) of every tracked, unfrozen parameter that has a gradient."""

@@ -90,8 +90,8 @@ def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch
         if not flags[i]:
             out.append(torch.zeros((), device=p.device))
             continue
-        before = p.detach().float().clone()  # .float() of an fp32 tensor is the tensor itself
-        p32, g32 = before.clone(), g.float()
+        before = p.float().clone() if ord == 3 else None  # .float() of an fp32 tensor is the tensor itself
+        p32, g32 = p.float(), g.float()
         g32 = -g32 if maximize else g32
         if decoupled:
             p32.mul_(1 - lr * weight_decay)
@@ -105,7 +105,7 @@ def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch
     return stack_metric(out, metric)
 
 
-def metric_sum(g: torch.Tensor, ord: int, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+def metric_sum(g: torch.Tensor, ord: int, before: Optional[torch.Tensor], after: torch.Tensor) -> torch.Tensor:
     """The kernel's per-tensor metric: of the raw gradient, or (``ord=3``) of the stored weight change."""
     if ord == 3:
         return (after.float() - before).abs().sum()

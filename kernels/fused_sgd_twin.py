@@ -50,8 +50,8 @@ def torch_fused_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.T
         if not flags[i]:
             out.append(torch.zeros((), device=p.device))
             continue
-        before = p.detach().float().clone()
-        p32, d = before.clone(), g.float()
+        before = p.float().clone() if ord == 3 else None  # the stored weights, for Σ|ΔW|
+        p32, d = p.float(), g.float()
         d = -d if maximize else d
         if weight_decay != 0:
             d = d + weight_decay * p32

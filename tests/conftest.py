@@ -93,6 +93,18 @@ def tiny_model():
     return make_model()
 
 
+def pause_mid_write(path, data: bytes, sleep_s: float) -> None:
+    """Write half of ``data`` to the temporary file ``grades_optim.checkpoint`` uses for ``path``,
+    print ``WRITING`` and sleep: the crash tests SIGKILL the writer there, halfway through a write."""
+    import time
+
+    with open(path.with_name(f".{path.name}.tmp-{os.getpid()}"), "wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+    print("WRITING", flush=True)
+    time.sleep(sleep_s)
+
+
 def _kill_tree(pid: int) -> None:
     """SIGKILL ``pid``, its process group and every descendant's process group.
 

@@ -15,7 +15,7 @@ import torch
 
 import grades_optim.checkpoint as ckpt
 from grades_optim import GradESOptimizer
-from tests.conftest import batch, make_model
+from tests.conftest import batch, make_model, pause_mid_write
 
 TOTAL, EVERY = 40, 4
 
@@ -32,11 +32,7 @@ def main():
 
         def slow_write(path, data):
             if path.name == f"ckpt-{args.pause_in_write_at:09d}.pt":
-                with open(path.with_name(f".{path.name}.tmp-{os.getpid()}"), "wb") as f:
-                    f.write(data[: len(data) // 2])
-                    f.flush()
-                print("WRITING", flush=True)
-                time.sleep(60)
+                pause_mid_write(path, data, 60)
             real_write(path, data)
 
         ckpt._write_atomic = slow_write

@@ -22,6 +22,7 @@ import torch
 import grades_optim.checkpoint as ckpt
 from grades_optim import cli
 from grades_optim.finetune import parallel, runner, train
+from tests.conftest import pause_mid_write
 
 
 def instrument(final_dir: str, step_delay: float, pause_write: str) -> None:
@@ -68,11 +69,7 @@ def instrument(final_dir: str, step_delay: float, pause_write: str) -> None:
     def write_atomic(path, data):
         name = f"{path.parent.name}/{path.name}"
         if name == pause_write:
-            with open(path.with_name(f".{path.name}.tmp-{os.getpid()}"), "wb") as f:
-                f.write(data[: len(data) // 2])
-                f.flush()
-            print("WRITING", flush=True)
-            time.sleep(120)
+            pause_mid_write(path, data, 120)
         real_write(path, data)
         print(f"SAVED {name}", flush=True)
 

