@@ -15,12 +15,14 @@ multi-billion-element sets exact. Only 1-D meshes are handled (plain FSDP2, not 
 """
 from __future__ import annotations
 
+import datetime
+import gc
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_group", "world_size", "is_sharded", "local", "all_reduce_sum"]
+__all__ = ["resolve_group", "world_size", "is_sharded", "local", "all_reduce_sum", "leave_process_group"]
 
 
 def resolve_group(process_group=None):
@@ -58,3 +60,56 @@ def all_true(flag: bool, device, group) -> bool:
     t = torch.tensor([0.0 if flag else 1.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return float(t) == 0.0
+
+
+def _release_ddp_wrappers() -> int:
+    """Drop the C++ reducer (and its logger) of every live ``DistributedDataParallel``.
+
+    These are the attributes DDP's own ``__getstate__`` leaves out; the wrapper cannot train after
+    this, which is fine at teardown. Returns how many wrappers were released."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    released = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, DistributedDataParallel) and "reducer" in obj.__dict__:
+            obj.__dict__.pop("logger", None)  # the logger holds the reducer too
+            del obj.__dict__["reducer"]
+            released += 1
+    return released
+
+
+def leave_process_group(timeout_s: float = 300.0, wait_for_ranks: bool = True) -> int:
+    """End a torch.distributed run so that teardown cannot hang: call it last, on every rank.
+
+    Waits for every rank (a barrier with a time limit; ``wait_for_ranks=False`` skips it, for an
+    error path where other ranks may never arrive), releases the process group from the DDP
+    wrappers still alive, then destroys the group. Does nothing when no group is initialised.
+    Returns how many DDP wrappers it released (they cannot train afterwards).
+
+    Why: a DDP wrapper's reducer holds the process group. When the wrapper outlives
+    ``destroy_process_group()`` (HF Trainer and Lightning keep theirs), the group is destroyed
+    later from the reducer's destructor, which holds the GIL while the gloo group joins its worker
+    threads; a worker still dropping a finished collective's tensors waits for that GIL, and both
+    wait forever (py-spy stacks in issue 16: ``~ProcessGroupGloo`` -> ``thread::join`` against
+    ``~AsyncAllgatherWork`` -> ``gil_scoped_acquire``). Released here while the group is alive, the
+    reducer is no longer the group's last owner; the group then dies through its Python handle,
+    whose destructor lets go of the GIL while it joins.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0 (seconds to wait for the other ranks), got {timeout_s!r}")
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    released = 0
+    try:
+        if not wait_for_ranks:
+            pass
+        elif dist.get_backend() == "gloo":
+            # a rank that never arrives raises here instead of blocking for the group's timeout
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    finally:
+        gc.collect()  # frees wrappers kept only by reference cycles (Trainer <-> callbacks)
+        released = _release_ddp_wrappers()
+        dist.destroy_process_group()
+    return released

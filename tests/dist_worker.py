@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from grades_optim import GradESOptimizer
+from grades_optim.distributed import leave_process_group
 from tests.conftest import batch, make_model
 
 STEPS = 6
@@ -157,9 +158,10 @@ def worker(rank, out):
         scenario_perturbed(rank, out)
         scenario_fsdp2(rank, out)
         scenario_dcp(rank, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        leave_process_group(wait_for_ranks=False)
+        raise
+    leave_process_group(timeout_s=60)
 
 
 if __name__ == "__main__":

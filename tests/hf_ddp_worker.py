@@ -9,10 +9,12 @@ import hashlib
 import json
 import os
 import sys
+import traceback
 
 import torch
 from transformers import Trainer
 
+from grades_optim.distributed import leave_process_group
 from grades_optim.integrations.transformers import add_grades_callback, create_grades_optimizer_and_scheduler
 from tests.test_integration_hf import GRADES, Data, make_args, make_model
 
@@ -32,11 +34,21 @@ def main(out):
                    "global_step": trainer.state.global_step, "max_steps": args.max_steps,
                    "should_stop": opt.should_stop, "params": digest,
                    "ddp": type(trainer.model_wrapped).__name__}, f)
-    # Accelerate opened the gloo group; leaving it to interpreter teardown races gloo's worker threads
-    # ("terminate called without an active exception", SIGABRT on one rank about 1 run in 3).
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    # Trainer still holds its DDP wrapper here: leave_process_group releases it before destroying
+    # the group (destroyed from the wrapper later, the gloo group hung ~1 launch in 3 under load).
+    rank = torch.distributed.get_rank()
+    released = leave_process_group(timeout_s=60)
+    with open(os.path.join(out, f"rank{rank}.left.json"), "w") as f:
+        json.dump({"released": released, "reducer_kept": "reducer" in vars(trainer.model_wrapped),
+                   "initialized": torch.distributed.is_initialized()}, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    try:
+        main(sys.argv[1])
+    except BaseException:
+        # fail fast: the other rank gets a closed connection (and torchrun stops it) instead of
+        # both ranks waiting in a teardown that needs them both
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)

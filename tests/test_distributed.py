@@ -73,3 +73,27 @@ def test_dcp_round_trip_restores_freezes_and_ignores_dry_step(results):
         for n, rg in res["restored"]["requires_grad"].items():
             assert rg == (not any(n.startswith(c + ".") for c in frozen)), n
         assert res["continued_identically"]
+
+
+def test_leave_process_group_releases_live_ddp_wrappers_first(tmp_path):
+    # one gloo rank in this process: the release logic without a launch (the 2-rank Trainer
+    # launch in test_hf_ddp.py checks it where the hang happened)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from grades_optim.distributed import leave_process_group
+
+    assert leave_process_group() == 0  # no group: nothing to do
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        leave_process_group(timeout_s=0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        kept = DistributedDataParallel(torch.nn.Linear(3, 2))
+        kept(torch.randn(4, 3)).sum().backward()
+        assert "reducer" in vars(kept) and "logger" in vars(kept)
+        assert leave_process_group(timeout_s=10) == 1
+        assert "reducer" not in vars(kept) and "logger" not in vars(kept)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

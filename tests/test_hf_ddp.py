@@ -23,3 +23,7 @@ def test_trainer_ddp_ranks_agree_and_stop_early(tmp_path):
     assert r0["frozen"] == r1["frozen"] and all(s is not None for s in r0["frozen"].values())
     assert r0["params"] == r1["params"]  # DDP kept the replicas identical through the freezes
     assert r0["should_stop"] and r0["global_step"] < r0["max_steps"]
+    # teardown: Trainer's live DDP wrapper was released before the group was destroyed
+    for r in (0, 1):
+        left = json.loads((tmp_path / f"rank{r}.left.json").read_text())
+        assert left == {"released": 1, "reducer_kept": False, "initialized": False}

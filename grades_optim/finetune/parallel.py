@@ -28,6 +28,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..distributed import leave_process_group
 from .errors import FinetuneError
 
 __all__ = ["Parallel", "from_env", "launched"]
@@ -135,7 +136,9 @@ def launched() -> Iterator[Optional[Parallel]]:
     try:
         logger.info("torchrun: %d ranks (gloo, CPU); rank 0 writes the report", world)
         yield Parallel(rank, world, local_world)
-        # leave together: no rank tears its connections down while rank 0 still writes the report
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        # the other ranks may be blocked in a collective this one never joins: do not wait for them
+        leave_process_group(wait_for_ranks=False)
+        raise
+    # leave together: no rank tears its connections down while rank 0 still writes the report
+    leave_process_group()
