@@ -99,14 +99,11 @@ def leave_process_group(timeout_s: float = 300.0, wait_for_ranks: bool = True) -
         raise ValueError(f"timeout_s must be > 0 (seconds to wait for the other ranks), got {timeout_s!r}")
     if not (dist.is_available() and dist.is_initialized()):
         return 0
-    released = 0
     try:
-        if not wait_for_ranks:
-            pass
-        elif dist.get_backend() == "gloo":
+        if wait_for_ranks and dist.get_backend() == "gloo":
             # a rank that never arrives raises here instead of blocking for the group's timeout
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
-        else:
+        elif wait_for_ranks:
             dist.barrier()
     finally:
         gc.collect()  # frees wrappers kept only by reference cycles (Trainer <-> callbacks)
