@@ -20,14 +20,30 @@ from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
+def _steps(text: str) -> tuple:
+    """``--eval-at 24,48,96`` -> (24, 48, 96)."""
+    try:
+        steps = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
+    if any(s < 1 for s in steps):
+        raise argparse.ArgumentTypeError(f"steps must be >= 1, got {text!r}")
+    return steps
+
+
 # flag -> FinetuneConfig field, for the options that --quick presets may also set
 _OVERRIDES = {
+    "schedule": str, "warmup_ratio": float, "eval_at": _steps,
     "train_size": int, "val_size": int, "test_size": int, "max_length": int, "epochs": float,
     "max_steps": int, "batch_size": int, "lr": float, "es_every": int, "es_patience": int,
     "tau": float, "tau_mode": str, "alpha": float, "grades_patience": int, "metric": str, "ema": float,
     "check_interval": int, "probe_every": int, "seed": int, "threads": int, "checkpoint_every": int,
 }
 _HELP = {
+    "schedule": "learning-rate schedule after the warm-up: linear (default), cosine or constant",
+    "warmup_ratio": "linear warm-up over this fraction of the planned steps (default 0.06)",
+    "eval_at": "also score the test set at these steps (comma-separated; clock paused), e.g. to read "
+               "'full cut at step S' from one run",
     "train_size": "use at most N training examples (stratified subset; default 4000)",
     "val_size": "use at most N validation examples", "test_size": "use at most N test examples",
     "max_length": "truncate texts to N tokens (default 64)", "epochs": "planned epochs (default 2)",

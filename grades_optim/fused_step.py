@@ -164,6 +164,11 @@ class FusedStep:
             self.fallback(reason)
             return None
         opt.fast_path, opt.fast_path_reason = self.description, "supported"
+        # weight_delta_l1 every k > 1 steps: W_t - W_{t-k} from a copy (one delta pass at the check),
+        # not the kernel's one-step change
+        window = opt._weight_window()
+        window.open(live)
+        in_kernel = check and not window.active
         by_group: dict[int, list] = {}
         where = {id(p): g for g, group in enumerate(opt.param_groups) for p in group["params"]}
         for c, p in live:
@@ -172,10 +177,16 @@ class FusedStep:
         for g, items in by_group.items():
             params = [p for _, p in items]
             run = self._adam if self.kind == "adam" else self._sgd
-            out = run(opt.param_groups[g], params, check)
+            out = run(opt.param_groups[g], params, in_kernel)
             ordered += items
             sums.append(out)
         opt._masked_inner_step(hide_tracked=True)
+        if check and window.active:
+            ordered, before = opt._weight_delta_inputs(ordered, window)
+            sums = dispatch.tensor_delta_sums([p.detach() for _, p in ordered], before, 1, impl="triton")
+            window.close(check)
+            return ordered, sums
+        window.close(check)
         sums = torch.cat(sums) if check and sums else None
         zero = opt._zero_lr_groups() if sums is not None and self.ord == 3 else None
         if zero:  # as on the reference path: a step at lr=0 gives no weight-delta reading

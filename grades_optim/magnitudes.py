@@ -20,10 +20,12 @@ import torch
 
 from . import distributed as dist_utils
 
-__all__ = ["METRICS", "REDUCTIONS", "IMPLS", "tensor_sums", "component_magnitudes"]
+__all__ = ["METRICS", "REDUCTIONS", "IMPLS", "tensor_sums", "component_magnitudes", "update_snr_sums"]
 
-METRICS = ("grad_l1", "grad_l2", "grad_delta_l1", "weight_delta_l1")
-METRIC_ORD = {"grad_l1": 1, "grad_l2": 2, "grad_delta_l1": 1, "weight_delta_l1": 1}
+METRICS = ("grad_l1", "grad_l2", "grad_delta_l1", "weight_delta_l1", "update_snr")
+METRIC_ORD = {"grad_l1": 1, "grad_l2": 2, "grad_delta_l1": 1, "weight_delta_l1": 1, "update_snr": 1}
+# metrics read from the inner optimizer's Adam moments (its state must have these keys)
+MOMENT_METRICS = {"update_snr": ("exp_avg", "exp_avg_sq", "step")}
 REDUCTIONS = ("sum", "mean")
 IMPLS = ("auto", "torch", "triton")
 
@@ -52,6 +54,24 @@ def tensor_sums(tensors: Sequence[torch.Tensor], ord: int, *, impl: str = "torch
     if others is not None:
         return dispatch.tensor_delta_sums(tensors, others, ord, impl=impl)
     return dispatch.tensor_sums(tensors, ord, impl=impl)
+
+
+def update_snr_sums(params: Sequence[torch.Tensor], states: Sequence[dict], betas: Sequence[tuple],
+                    eps: Sequence[float]) -> torch.Tensor:
+    """Per tensor ``Σ |m̂ / (√v̂ + ε)|``: Adam's update per unit of learning rate (fp32, on device).
+
+    ``m̂ = m/(1-β1^t)`` and ``v̂ = v/(1-β2^t)`` are the bias-corrected moments after the step. Per
+    element this is a gradient signal-to-noise ratio in [0, ~1]: near 1 while the gradient keeps
+    its sign from batch to batch, near ``sqrt(2/π·(1-β1)/(1+β1))`` ≈ 0.18 (β1 = 0.9) once it is
+    mostly minibatch noise. Neither the learning rate nor the parameter scale enters it.
+    """
+    out = []
+    for p, st, (beta1, beta2), e in zip(params, states, betas, eps):
+        t = float(st["step"])  # a CPU scalar for non-capturable Adam; checks sync anyway
+        m = dist_utils.local(st["exp_avg"]).float() / (1.0 - beta1 ** t)
+        v = dist_utils.local(st["exp_avg_sq"]).float() / (1.0 - beta2 ** t)
+        out.append((m / (v.sqrt() + e)).abs().sum())
+    return torch.stack([o.to(out[0].device) for o in out]) if out else torch.zeros(0)
 
 
 def component_magnitudes(tensors: Sequence[torch.Tensor], owners: Sequence[int], n_components: int,

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import construct
+from . import defaults
 from . import distributed as dist_utils
 from . import fused_step
 from . import magnitudes as mag
@@ -35,8 +36,14 @@ __all__ = ["GradESOptimizer", "CheckRecord"]
 
 logger = logging.getLogger("grades_optim")
 
+# guards: warn when nothing froze by this fraction of total_steps, or when more than this fraction of
+# the components froze together at the first checks after the grace period
+GUARD_NOTHING_AT = 0.75
+GUARD_BURST = 0.5
+
 _KEYS = ("grades_step", "grades_cid", "grades_numel", "grades_state")
 _PREV_GRAD = "grades_prev_grad"
+_PREV_WEIGHT = "grades_prev_weight"
 
 
 class CheckRecord(NamedTuple):
@@ -78,7 +85,10 @@ class GradESOptimizer(torch.optim.Optimizer):
         check_interval: measure every this many steps. Default 1.
         metric: ``"grad_l1"`` (paper v1, default), ``"grad_l2"``, ``"grad_delta_l1"`` (paper v3,
             ‖g_t − g_{t−1}‖₁, keeps one previous gradient per tracked matrix) or
-            ``"weight_delta_l1"`` (what the released code measures, ‖W_t − W_{t−1}‖₁ over the step).
+            ``"weight_delta_l1"`` (what the released code measures, ‖W_t − W_{t−k}‖₁ since the previous
+            check) or ``"update_snr"`` (Adam-family inners: mean |m̂/(√v̂+ε)|, the update per unit of
+            learning rate; independent of the LR schedule and of the parameter scale, see README
+            "Choosing τ").
         reduction: ``"mean"`` (default: per element, so one τ fits matrices of every size) or
             ``"sum"`` (the paper's and released code's unnormalised sum).
         patience: consecutive checks below threshold before freezing. Default 1 (the paper).
@@ -113,17 +123,29 @@ class GradESOptimizer(torch.optim.Optimizer):
     _is_grades_wrapper = True  # construct.validate_inner refuses to wrap a wrapper
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, model: Optional[nn.Module] = None,
-                 components=None, matcher=None, tau: float, alpha: float = 0.0,
-                 total_steps: Optional[int] = None, grace_steps: int = 0, check_interval: int = 1,
-                 metric: str = "grad_l1", reduction: str = "mean", patience: int = 1,
-                 ema: float = 0.0, tau_mode: str = "absolute", max_frozen_ratio: float = 1.0,
+                 components=None, matcher=None, tau: Optional[float] = None, alpha: Optional[float] = None,
+                 total_steps: Optional[int] = None, grace_steps: Optional[int] = None,
+                 check_interval: Optional[int] = None, metric: Optional[str] = None,
+                 reduction: Optional[str] = None, patience: Optional[int] = None,
+                 ema: Optional[float] = None, tau_mode: Optional[str] = None, max_frozen_ratio: float = 1.0,
                  freeze_mode: str = "auto", impl: str = "auto", record_history=True,
                  process_group=None):
         construct.validate_inner(optimizer)
-        construct.validate(tau=tau, alpha=alpha, total_steps=total_steps, grace_steps=grace_steps,
-                  check_interval=check_interval, metric=metric, reduction=reduction,
-                  patience=patience, ema=ema, tau_mode=tau_mode, max_frozen_ratio=max_frozen_ratio,
-                  freeze_mode=freeze_mode, impl=impl, record_history=record_history)
+        has_moments = all("betas" in g and "eps" in g for g in optimizer.param_groups)
+        d = defaults.resolve(dict(tau=tau, check_interval=check_interval, metric=metric, reduction=reduction,
+                                  patience=patience, ema=ema, tau_mode=tau_mode,
+                                  alpha=alpha if alpha is not None or grace_steps is None else 0.0),
+                             has_moments)
+        tau, check_interval, metric, reduction = d["tau"], d["check_interval"], d["metric"], d["reduction"]
+        patience, ema, tau_mode = d["patience"], d["ema"], d["tau_mode"]
+        grace_steps = 0 if grace_steps is None else grace_steps
+        # a default alpha > 0 without total_steps waits for set_total_steps() (trainers call it)
+        self._pending_alpha = d["alpha"] if alpha is None and total_steps is None and d["alpha"] > 0 else None
+        alpha = 0.0 if self._pending_alpha is not None else d["alpha"]
+        if metric in mag.MOMENT_METRICS and not has_moments:
+            raise ValueError(f"Invalid metric: {metric!r} reads Adam's moments (exp_avg, exp_avg_sq, betas, eps); "
+                             f"{type(optimizer).__name__} has none. Use an Adam-family inner optimizer or "
+                             "metric='weight_delta_l1'")
         self._inner = optimizer
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
@@ -149,6 +171,8 @@ class GradESOptimizer(torch.optim.Optimizer):
         self.released_state_bytes = 0
         self.nonfinite_readings = 0  # component readings that were NaN/Inf (never count as converged)
         self._warned_unmeasured = False  # said once: live components without any reading after grace
+        self.guard_burst = 0  # components that froze together right after the grace period (if > half)
+        self.guard_nothing_frozen = False  # nothing frozen by GUARD_NOTHING_AT of total_steps
         if all(k in g for g in self.param_groups for k in _KEYS) and self._layout_error(self.param_groups) is None:
             self._adopt_groups()  # the inner already carries GradES state (a checkpoint loaded into it)
         self._write_groups()
@@ -223,6 +247,8 @@ class GradESOptimizer(torch.optim.Optimizer):
         if not construct.is_int(total_steps) or total_steps < 1:
             raise ValueError(f"Invalid total_steps: {total_steps!r}; expected an int >= 1")
         self.total_steps = total_steps
+        if self._pending_alpha is not None:
+            self.alpha, self._pending_alpha = float(self._pending_alpha), None
         self._cfg = dataclasses.replace(self._cfg, grace_steps=self._resolve_grace())
 
     def summary(self) -> dict:
@@ -240,6 +266,9 @@ class GradESOptimizer(torch.optim.Optimizer):
             "never_measured": len(self._never_measured()),
             "freeze_mode": self.freeze_mode,
             "should_stop": self.should_stop,
+            "guard_nothing_frozen": self.guard_nothing_frozen,
+            "guard_burst_after_grace": self.guard_burst,
+            "grace_pending_total_steps": self._pending_alpha is not None,
         }
 
     # -- the step --------------------------------------------------------------------------
@@ -258,6 +287,10 @@ class GradESOptimizer(torch.optim.Optimizer):
             self._masked_inner_step()
             return loss
         self._step += 1
+        if self._step == 1 and self._pending_alpha is not None:
+            logger.warning("GradES: the default grace period (alpha=%g of total_steps) waits for total_steps; none "
+                           "was given, so there is no grace period. Pass total_steps= (or call "
+                           "set_total_steps)", self._pending_alpha)
         check = self._step % self.check_interval == 0
         fused = self._fused(check) if self._fused is not None else None
         if fused is not None:  # tracked matrices stepped by the fused kernel, metric from the same pass
@@ -273,23 +306,40 @@ class GradESOptimizer(torch.optim.Optimizer):
 
     def _reference_step(self, check: bool) -> Optional[list]:
         """Measure with the torch/Triton reductions, step through the inner optimizer; readings at checks."""
-        live = self._live_tracked_with_grad() if check or self.metric == "grad_delta_l1" else []
+        window = self._weight_window()
+        need = check or window.opens or self.metric == "grad_delta_l1"
+        live = self._live_tracked_with_grad() if need else []
         values = None
         if check and self.metric in ("grad_l1", "grad_l2"):
             values = self._measure([p.grad for _, p in live], live)
         elif check and self.metric == "grad_delta_l1":
             values = self._measure_grad_delta(live)
+        window.open(live)
         before = None
         if check and self.metric == "weight_delta_l1":
-            still = {id(p) for g in self._zero_lr_groups() for p in self.param_groups[g]["params"]}
-            live = [(c, p) for c, p in live if id(p) not in still]
-            before = [p.detach().clone() for _, p in live]
+            live, before = self._weight_delta_inputs(live, window)
         self._masked_inner_step()
         if before is not None:
             values = self._measure([p.detach() for _, p in live], live, before)
+        elif check and self.metric in mag.MOMENT_METRICS:
+            values = self._measure_update_snr(live)
+        window.close(check)
         if self.metric == "grad_delta_l1":
             self._keep_prev_grads(live)
         return values
+
+    def _weight_window(self) -> "_WeightWindow":
+        return _WeightWindow(self, self.metric == "weight_delta_l1" and self.check_interval > 1)
+
+    def _weight_delta_inputs(self, live, window: "_WeightWindow"):
+        """The (component, param) pairs that get a weight-delta reading now, and their 'before' weights."""
+        still = {id(p) for g in self._zero_lr_groups() for p in self.param_groups[g]["params"]}
+        live = [(c, p) for c, p in live if id(p) not in still]
+        if not window.active:
+            return live, [p.detach().clone() for _, p in live]
+        # a matrix that had no gradient when the window opened has no reading
+        live = [(c, p) for c, p in live if _PREV_WEIGHT in self.state.get(p, {})]
+        return live, [self.state[p][_PREV_WEIGHT] for _, p in live]
 
     def _zero_lr_groups(self) -> set:
         """Indices of the groups stepping at lr=0 now (the first step of a linear warm-up).
@@ -326,6 +376,16 @@ class GradESOptimizer(torch.optim.Optimizer):
         have = [(c, p) for c, p in live if _PREV_GRAD in self.state.get(p, {})]
         # the first check has no previous gradient: nothing measured (every rank still joins)
         return self._measure([p.grad for _, p in have], have, [self.state[p][_PREV_GRAD] for _, p in have])
+
+    def _measure_update_snr(self, live):
+        need = mag.MOMENT_METRICS[self.metric]
+        have = [(c, p) for c, p in live if all(k in self.state.get(p, {}) for k in need)]
+        where = {id(p): group for group in self.param_groups for p in group["params"]}
+        params = [p for _, p in have]
+        sums = mag.update_snr_sums(params, [self.state[p] for p in params],
+                                   [tuple(where[id(p)]["betas"]) for p in params],
+                                   [float(where[id(p)]["eps"]) for p in params])
+        return self._measure(params, have, sums=sums)
 
     def _keep_prev_grads(self, live) -> None:
         # Only the gradient of the step right before a check is needed.
@@ -366,6 +426,7 @@ class GradESOptimizer(torch.optim.Optimizer):
             limit = self.record_history if construct.is_int(self.record_history) else None
             if limit is not None and len(self.history) > 2 * limit:  # trim in batches: amortised O(1)
                 del self.history[:-limit]
+        self._guards(newly)
         if newly:
             for comp in newly:
                 self._freeze(comp)
@@ -373,6 +434,23 @@ class GradESOptimizer(torch.optim.Optimizer):
             logger.info("GradES step %d: froze %s (%d/%d frozen)", self._step,
                         ", ".join(c.name for c in newly), s["frozen"], s["tracked"])
         self._write_groups()
+
+    def _guards(self, newly: list) -> None:
+        """Say when the freeze decisions look uninformative (README "Choosing τ")."""
+        n, frozen_before = len(self.components), sum(c.frozen for c in self.components) - len(newly)
+        early = self.grace_steps + self._cfg.patience * self.check_interval
+        if newly and frozen_before == 0 and self._step <= early and len(newly) > GUARD_BURST * n:
+            self.guard_burst = len(newly)
+            logger.warning("GradES step %d: %d of %d components froze at the first checks after the grace period "
+                           "(%d steps): the threshold is too loose for this run (tau=%g, metric=%s); lower tau or "
+                           "see README 'Choosing tau'", self._step, len(newly), n, self.grace_steps, self.tau,
+                           self.metric)
+        if (not self.guard_nothing_frozen and self.total_steps and frozen_before + len(newly) == 0
+                and self._step >= GUARD_NOTHING_AT * self.total_steps):
+            self.guard_nothing_frozen = True
+            logger.warning("GradES step %d of %d: nothing has frozen yet; with tau=%g (metric=%s, tau_mode=%s) the "
+                           "run will likely train to the end. Raise tau, or see README 'Choosing tau'",
+                           self._step, self.total_steps, self.tau, self.metric, self._cfg.tau_mode)
 
     def _never_measured(self) -> list:
         """Live components that have not had one usable reading yet (no gradient, or NaN/Inf)."""
@@ -525,6 +603,33 @@ class GradESOptimizer(torch.optim.Optimizer):
 
 
 # -- helpers -------------------------------------------------------------------------------
+class _WeightWindow:
+    """weight_delta_l1 with check_interval k > 1: W_t - W_{t-k}, as the released code measures it.
+
+    The weights are copied at the first step after each check (before that step's update) and
+    the copies dropped at the next check. Copies are made before the inner step but stored in the
+    state after it: a new state entry before Adam's lazy init would stop that init.
+    """
+
+    def __init__(self, opt: "GradESOptimizer", active: bool):
+        self.opt, self.active = opt, active
+        self.opens = active and (opt._step - 1) % opt.check_interval == 0
+        self._copies: list = []
+
+    def open(self, live) -> None:
+        if self.opens:
+            self._copies = [(p, p.detach().clone()) for _, p in live]
+
+    def close(self, check: bool) -> None:
+        opt = self.opt
+        if check and self.active:
+            for comp in opt.components:
+                for g, i in comp.positions:
+                    opt.state.get(opt.param_groups[g]["params"][i], {}).pop(_PREV_WEIGHT, None)
+        for p, copy in self._copies:
+            opt.state[p][_PREV_WEIGHT] = copy
+
+
 def _release_state(state, p: torch.Tensor) -> int:
     """Drop a frozen parameter's big state tensors, keep scalars such as ``step``; bytes freed."""
     st = state.get(p)

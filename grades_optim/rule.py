@@ -8,7 +8,8 @@ Per component ``c`` and check at GradES step ``t`` (optimizer steps the wrapper 
 * the threshold is ``τ`` (``tau_mode="absolute"``, the paper) or ``τ·r_c`` (``"relative"``), where
   ``r_c`` is the mean of ``s`` over the component's grace-period checks (or its first reading when
   there was none): "freeze once the magnitude fell to a fraction τ of where it started";
-* nothing freezes while ``t <= grace_steps``;
+* nothing freezes while ``t < grace_steps``: as in the released code (``current_step >=
+  min_steps_before_freeze``), a freeze is possible at step ``grace_steps = int(α·T)`` itself;
 * after ``patience`` consecutive checks with ``s_t < threshold`` the component freezes at ``t``;
   a reading that is not finite breaks the streak and never counts as converged;
 * frozen is final (GradES never unfreezes).
@@ -72,7 +73,7 @@ def decide(state: ComponentState, metric: Optional[float], step: int, cfg: RuleC
     value = metric if cfg.ema <= 0 or state.smoothed is None else (
         cfg.ema * state.smoothed + (1.0 - cfg.ema) * metric)
     state = dataclasses.replace(state, smoothed=value)
-    if step <= cfg.grace_steps:
+    if step < cfg.grace_steps:
         return (dataclasses.replace(state, below=0, ref_sum=state.ref_sum + value,
                                     ref_count=state.ref_count + 1), value, threshold_for(state, cfg))
     threshold = threshold_for(state, cfg)

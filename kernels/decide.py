@@ -54,7 +54,7 @@ def _decide_kernel(sums_ptr, start_ptr, count_ptr, numel_ptr, frozen_at_ptr, bel
     tau = tl.load(fscal_ptr)
     ema = tl.load(fscal_ptr + 1)
     step = tl.load(iscal_ptr)
-    in_grace = step <= tl.load(iscal_ptr + 1)
+    in_grace = step < tl.load(iscal_ptr + 1)  # the released code may freeze at step int(α·T) itself
     post = step > tl.load(iscal_ptr + 1)
     patience = tl.load(iscal_ptr + 2)
 

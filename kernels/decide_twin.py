@@ -109,7 +109,7 @@ def torch_decide(sums: torch.Tensor, comp_start: torch.Tensor, comp_count: torch
     live = fa < 0
     ok = live & torch.isfinite(metric)
     value = metric if ema <= 0 else torch.where(torch.isnan(sm), metric, ema * sm + (1.0 - ema) * metric)
-    grace = step <= grace_steps
+    grace = step < grace_steps  # the released code may freeze at step int(α·T) itself
     if tau_mode == "absolute":
         thr = torch.full_like(value, tau)
     else:

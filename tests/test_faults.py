@@ -203,7 +203,7 @@ def test_grades_state_into_plain_optimizer_and_back_keeps_the_freeze_set():
 # -- numerics ---------------------------------------------------------------------------------
 def test_zero_empty_and_missing_gradients():
     model = make_model()
-    opt = build(model, tau=1e-6, grace_steps=1)
+    opt = build(model, tau=1e-6, grace_steps=2)  # step 1 is the grace period
     layer0, layer1 = model.model.layers
     for s in range(3):
         inject(model, s)

@@ -264,7 +264,7 @@ def test_optimizers_tuple_with_trainer_built_scheduler(tmp_path):
     """optimizers=(opt, None): Trainer builds its scheduler on accelerate's wrapper around ours."""
     model = make_model("gpt2")
     args = make_args(tmp_path, save_strategy="no")
-    opt = create_grades_optimizer(model, args, tau=1e9, grace_steps=2)  # everything freezes at step 3
+    opt = create_grades_optimizer(model, args, tau=1e9, grace_steps=3)  # everything freezes at step 3
     trainer = Trainer(model=model, args=args, train_dataset=Data(), optimizers=(opt, None),
                       callbacks=[GradESCallback(opt)])
     trainer.train()

@@ -178,8 +178,8 @@ def test_tau_that_never_triggers_is_bit_identical_to_bare_inner(inner):
 @pytest.mark.parametrize("inner", sorted(INNERS))
 def test_frozen_params_stay_bit_identical_and_state_is_released(inner):
     model = make_model()
-    opt = GradESOptimizer(INNERS[inner](model.parameters()), model=model, tau=0.05, grace_steps=3,
-                          reduction="mean")
+    opt = GradESOptimizer(INNERS[inner](model.parameters()), model=model, tau=0.05, grace_steps=4,
+                          reduction="mean")  # steps 1-3 are the grace period; step 4 may freeze
     attn = {"self_attn": 1e-3}  # attention grads far below tau, MLP grads far above
     for s in range(3):
         inject(model, s, attn)
@@ -319,6 +319,77 @@ def test_metric_values_match_a_float64_reference(metric, reduction):
                 total = math.sqrt(total)
             assert rec.metric == pytest.approx(total, rel=1e-5), (metric, comp.name)
         prev = grads
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("interval", [2, 5])
+def test_weight_delta_over_an_interval_is_the_change_since_the_previous_check(interval, impl):
+    # the released code measures W_t - W_{t-k} at a check every k steps, not the last step's change
+    model = make_model()
+    opt = GradESOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, tau=NEVER,
+                          metric="weight_delta_l1", reduction="sum", check_interval=interval, impl=impl)
+    named = dict(model.named_parameters())
+    start = {n: p.detach().double().clone() for n, p in named.items()}
+    for s in range(1, 3 * interval + 1):
+        inject(model, s)
+        opt.step()
+        if s % interval:
+            continue
+        recs = {r.component: r.metric for r in opt.history if r.step == s}
+        assert len(recs) == len(opt.components)
+        for comp in opt.components:
+            want = sum((named[n].detach().double() - start[n]).abs().sum().item() for n in comp.param_names)
+            assert recs[comp.name] == pytest.approx(want, rel=1e-5), (s, comp.name)
+        start = {n: p.detach().double().clone() for n, p in named.items()}
+    assert not any("grades_prev_weight" in st for st in opt.state.values())  # dropped at each check
+    assert (opt.fast_path is not None) == (impl == "triton"), opt.fast_path_reason
+
+
+def _snr_run(lr, grad_scale, inner="adamw", steps=4):
+    model = make_model()
+    inners = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(0.8, 0.99), eps=1e-8),
+              "adam": lambda ps: torch.optim.Adam(ps, lr=lr, betas=(0.9, 0.999), eps=1e-6)}
+    opt = GradESOptimizer(inners[inner](model.parameters()), model=model, tau=NEVER, metric="update_snr")
+    named = dict(model.named_parameters())
+    for s in range(steps):
+        # the same gradient sequence whatever the weights: only lr and the scale differ between runs
+        g = torch.Generator().manual_seed(s)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * grad_scale + 0.3 * grad_scale
+        opt.step()
+    return opt, named
+
+
+@pytest.mark.parametrize("inner", ["adamw", "adam"])
+def test_update_snr_matches_a_float64_reference(inner):
+    opt, named = _snr_run(1e-2, 1.0, inner)
+    group = opt.param_groups[0]
+    (b1, b2), eps = group["betas"], group["eps"]
+    recs = {r.component: r.metric for r in opt.last_check}
+    for comp in opt.components:
+        total = 0.0
+        for n in comp.param_names:
+            st = opt.state[named[n]]
+            t = float(st["step"])
+            m = st["exp_avg"].double() / (1 - b1 ** t)
+            v = st["exp_avg_sq"].double() / (1 - b2 ** t)
+            total += (m / (v.sqrt() + eps)).abs().sum().item()
+        assert recs[comp.name] == pytest.approx(total / comp.numel, rel=1e-5), comp.name
+        assert 0.0 < recs[comp.name] <= 1.0
+
+
+def test_update_snr_ignores_the_learning_rate_and_the_gradient_scale():
+    base, _ = _snr_run(1e-2, 1.0)
+    for lr, scale in ((1e-5, 1.0), (1e-2, 1e3), (0.3, 1e-2)):
+        other, _ = _snr_run(lr, scale)
+        for a, b in zip(base.last_check, other.last_check):
+            assert a.metric == pytest.approx(b.metric, rel=1e-4), (lr, scale, a.component)
+
+
+def test_update_snr_needs_adam_moments():
+    model = make_model()
+    with pytest.raises(ValueError, match="reads Adam's moments.*SGD has none"):
+        GradESOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, tau=0.2, metric="update_snr")
 
 
 def test_components_without_grad_are_not_measured_nor_frozen(caplog):

@@ -155,7 +155,7 @@ def test_checkpoint_resume_in_a_plain_loop_continues_identically():
 def test_should_stop_check_ends_the_loop_before_a_step_with_nothing_to_train():
     model = make_model()
     opt = GradESOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, tau=1e9,
-                          grace_steps=2)
+                          grace_steps=3)  # steps 1-2 are the grace period
     steps = 0
     for i in range(10):
         model.loss(batch(i)).backward()

@@ -27,10 +27,10 @@ def run(cfg, seq, interval=1):
 @given(cfg=configs, seq=st.lists(readings, max_size=40), interval=st.integers(1, 3))
 def test_never_freezes_during_grace(cfg, seq, interval):
     for k, state in enumerate(run(cfg, seq, interval), start=1):
-        if k * interval <= cfg.grace_steps:
+        if k * interval < cfg.grace_steps:
             assert state.frozen_at is None
         if state.frozen_at is not None:
-            assert state.frozen_at > cfg.grace_steps
+            assert state.frozen_at >= cfg.grace_steps
 
 
 @settings(max_examples=300, deadline=None)
@@ -71,6 +71,14 @@ def test_paper_rule_freezes_after_patience_consecutive_readings(tau, patience, g
     assert all(s.frozen_at is None for s in states[:-1])
 
 
+@pytest.mark.parametrize("grace", [1, 2, 7])
+def test_a_freeze_is_possible_at_the_grace_boundary_step_itself(grace):
+    # the released code: `current_step >= min_steps_before_freeze`, with min_steps = int(alpha * T)
+    states = run(RuleConfig(tau=1.0, grace_steps=grace), [0.5] * (grace + 2))
+    assert [s.frozen_at for s in states][grace - 1:] == [grace] * 3
+    assert all(s.frozen_at is None for s in states[:grace - 1])
+
+
 def test_streak_is_broken_by_a_reading_above_threshold():
     cfg = RuleConfig(tau=1.0, patience=3)
     states = run(cfg, [0.5, 0.5, 2.0, 0.5, 0.5, 0.5])
@@ -83,10 +91,10 @@ def test_threshold_is_strict():
 
 def test_relative_threshold_is_scale_free():
     base = [4.0, 3.0, 2.0, 1.0, 0.5, 0.2]
-    cfg = RuleConfig(tau=0.1, grace_steps=2, tau_mode="relative")
+    cfg = RuleConfig(tau=0.1, grace_steps=3, tau_mode="relative")
     for scale in (1e-9, 1.0, 1e6):
         states = run(cfg, [x * scale for x in base])
-        # reference = mean of the two grace readings (3.5 × scale); 0.2 × scale < 0.35 × scale
+        # reference = mean of the grace readings, steps 1 and 2 (3.5 × scale); 0.2 × scale < 0.35 × scale
         assert [s.frozen_at for s in states] == [None] * 5 + [6]
 
 

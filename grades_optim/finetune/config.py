@@ -9,9 +9,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-__all__ = ["FinetuneConfig", "METHODS", "QUICK"]
+from ..defaults import GRADES as _G
+
+__all__ = ["FinetuneConfig", "METHODS", "QUICK", "SCHEDULES"]
 
 METHODS = ("full", "classic-es", "grades")
+# --schedule -> transformers.get_scheduler name (every one with the linear warm-up of warmup_ratio)
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 @dataclasses.dataclass
@@ -39,26 +43,23 @@ class FinetuneConfig:
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
+    schedule: str = "linear"  # linear / cosine decay to 0 at the planned end, or constant after warm-up
+    # test-set scoring at these steps of a run, clock paused ("full cut at step S" without a 2nd run)
+    eval_at: tuple = ()
     lora: bool = False
     lora_r: int = 8
     threads: Optional[int] = None  # None: every CPU this process may use
     # classic early stopping (the paper's "+ES"): validation loss every es_every steps
     es_every: int = 25
     es_patience: int = 3
-    # GradES. Measured on this data (benchmarks/results/finetune_default.md): every matrix's gradient
-    # L1 *rises* 2-2.5x after the grace period (the new head grows) and then stays flat, so
-    # grad_l1 with any relative tau <= 0.5 froze nothing in 375 steps. The weight change per step
-    # (weight_delta_l1, what the authors' released code measures) does fall; "relative" makes tau
-    # scale-free: freeze once a matrix moves < 0.3x as much per step as during its grace period,
-    # 3 checks in a row (one noisy batch does not freeze it). tau 0.3 was chosen over 0.5 on
-    # validation accuracy over seeds 0-2 (mean -0.9 pt vs full at 0.5, +0.3 pt at 0.3).
-    tau: float = 0.3
-    tau_mode: str = "relative"
-    alpha: float = 0.3
-    grades_patience: int = 3
-    metric: str = "weight_delta_l1"
-    ema: float = 0.0
-    check_interval: int = 1
+    # GradES: the library defaults (grades_optim.defaults; the study: benchmarks/results/decisions.md)
+    tau: float = _G["tau"]
+    tau_mode: str = _G["tau_mode"]
+    alpha: float = _G["alpha"]
+    grades_patience: int = _G["patience"]
+    metric: str = _G["metric"]
+    ema: float = _G["ema"]
+    check_interval: int = _G["check_interval"]
     # monitoring only (not counted in wall time): validation accuracy every probe_every steps
     probe_every: Optional[int] = 50
     eval_batch_size: int = 128
@@ -95,6 +96,12 @@ class FinetuneConfig:
             # counts as converged (absolute tau) or takes as a zero reference (relative tau).
             raise ValueError("Invalid alpha: 0 with metric weight_delta_l1; the warmup's first step has lr 0 "
                              "and reads 0.0, so use a grace period (alpha > 0)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Invalid schedule: {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"Invalid warmup_ratio: {self.warmup_ratio}; expected a fraction in [0, 1)")
+        if any(not isinstance(s, int) or s < 1 for s in self.eval_at):
+            raise ValueError(f"Invalid eval_at: {self.eval_at!r}; expected steps >= 1")
         if self.checkpoint_every < 0:
             raise ValueError(f"Invalid checkpoint_every: {self.checkpoint_every}; expected >= 0 (0 disables)")
         if self.epochs <= 0:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .config import FinetuneConfig
+from .config import SCHEDULES, FinetuneConfig
 
 __all__ = ["MethodResult", "Batches", "Checkpoints", "train_method", "evaluate"]
 
@@ -44,6 +44,7 @@ class MethodResult:
     components: list = dataclasses.field(default_factory=list)
     summary: dict = dataclasses.field(default_factory=dict)
     history: list = dataclasses.field(default_factory=list)
+    test_at: list = dataclasses.field(default_factory=list)  # [step, test_accuracy, test_loss] (--eval-at)
 
 
 class Batches:
@@ -136,6 +137,7 @@ class _Loop:
     best_step: Optional[int] = None
     best_weights: Optional[dict] = None
     since_best: int = 0
+    test_at: list = dataclasses.field(default_factory=list)
 
     def to_extra(self, opt) -> dict:
         extra = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # no deep copies
@@ -174,7 +176,7 @@ def train_method(method: str, model, train: Batches, val: Batches, test: Batches
     its saved value: the work lost to a crash and the checkpoint writes are not counted.
     ``parallel``: a :class:`~grades_optim.finetune.parallel.Parallel` under torchrun (DDP).
     """
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_scheduler
     from tqdm.auto import tqdm
 
     total = planned_steps(cfg, len(train))
@@ -184,7 +186,9 @@ def train_method(method: str, model, train: Batches, val: Batches, test: Batches
     net = model if parallel is None else parallel.wrap(model)
     if method == "grades":
         opt = _grades_optimizer(opt, net, cfg, total)  # given the DDP wrapper: it picks the freeze mode
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    sched = get_scheduler(SCHEDULES[cfg.schedule], opt, num_warmup_steps=int(cfg.warmup_ratio * total),
+                          num_training_steps=total)
+    eval_at = set(cfg.eval_at)
     order = train.order(total, cfg.batch_size, cfg.seed)
     start, loop = _resume(checkpoints, method, model, opt, sched, parallel) if checkpoints else (0, _Loop())
     main_rank = parallel is None or parallel.is_main
@@ -224,6 +228,8 @@ def train_method(method: str, model, train: Batches, val: Batches, test: Batches
         elif method != "classic-es" and cfg.probe_every and step % cfg.probe_every == 0:
             acc, vloss = evaluate(model, val, cfg.eval_batch_size, parallel)  # clock paused: monitoring only
             loop.curve.append([loop.wall, step, acc, vloss])
+        if step in eval_at:  # clock paused: monitoring only
+            loop.test_at.append([step, *evaluate(model, test, cfg.eval_batch_size, parallel)])
         if method == "grades":
             s = opt.summary()
             bar.set_postfix(frozen=f"{s['frozen']}/{s['tracked']}")
@@ -247,7 +253,8 @@ def train_method(method: str, model, train: Batches, val: Batches, test: Batches
         loop.curve.append([loop.wall, step, acc, vloss])
     test_acc, test_loss = evaluate(model, test, cfg.eval_batch_size, parallel)
     result = MethodResult(method, test_acc, test_loss, loop.wall, step, total, stop_reason,
-                          val_seconds=loop.val_wall, curve=loop.curve, train_loss=loop.losses)
+                          val_seconds=loop.val_wall, curve=loop.curve, train_loss=loop.losses,
+                          test_at=loop.test_at)
     if method == "grades":
         _add_grades_details(result, opt)
     logger.info("%s: test accuracy %.4f after %d/%d steps in %.1f s (%s)", method, test_acc, step,

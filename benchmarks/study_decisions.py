@@ -1,0 +1,234 @@
+"""Do GradES's freeze decisions carry information? The study behind the defaults (issue 10).
+
+Two parts, both on CPU with the fine-tune job's data and model code:
+
+* ``probe``: one plain fine-tune per schedule that records, per projection matrix and step, every
+  candidate metric (``grad_l1``, ``weight_delta_l1``, ``update_snr``) and the test accuracy every
+  few steps. Shows which metric follows the learning-rate schedule and which follows convergence.
+* ``study``: per setup and seed, ``full``, ``classic-es``, GradES with the library defaults and the
+  truncation baseline (``full`` whose whole schedule ends at GradES's stop step), paired on the
+  same split and seed. ``full`` also scores the test set at GradES's stop step during its own run.
+
+Results go to ``benchmarks/results/decisions.json`` (every finished run is kept: an interrupted
+study resumes where it stopped) and ``decisions.md`` / ``decisions_*.png`` (``render``).
+
+    python benchmarks/study_decisions.py probe --schedule linear constant
+    python benchmarks/study_decisions.py study --setup rt rt-lora --seeds 0 1 2
+    python benchmarks/study_decisions.py render
+    python benchmarks/study_decisions.py study --quick   # CI: a few steps, to keep the script alive
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from grades_optim import defaults  # noqa: E402
+from grades_optim.components import discover_components  # noqa: E402
+from grades_optim.finetune import FinetuneConfig  # noqa: E402
+from grades_optim.finetune.config import QUICK, SCHEDULES  # noqa: E402
+from grades_optim.finetune.model import apply_lora, fresh_copy, load_model  # noqa: E402
+from grades_optim.finetune.runner import _load_data, context_line  # noqa: E402
+from grades_optim.finetune.train import Batches, evaluate, planned_steps, train_method  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+logger = logging.getLogger("study")
+
+# Setups: the fine-tune job's quick size (768 train / 512 test reviews, batch 16, 2 epochs).
+SETUPS = {
+    "rt": dict(),
+    "rt-lora": dict(lora=True, lr=5e-4),
+    "rt-constant": dict(schedule="constant"),
+    "rt-cosine": dict(schedule="cosine"),
+    "rt-long": dict(epochs=6.0),  # full overfits: validation loss turns up after ~2 epochs
+}
+
+
+def base_config(setup: str, seed: int, quick: bool) -> FinetuneConfig:
+    cfg = dataclasses.replace(FinetuneConfig(), **{**QUICK, "probe_every": None, **SETUPS[setup]}, seed=seed,
+                              progress=False, checkpoint_every=0)
+    if quick:  # CI: keeps the script from rotting, measures nothing
+        cfg = dataclasses.replace(cfg, train_size=64, val_size=32, test_size=32, epochs=1.0, es_every=2)
+    return cfg
+
+
+def load(cfg: FinetuneConfig):
+    splits = _load_data(cfg)
+    tokenizer, base, _ = load_model(cfg.model, len(splits.label_names), seed=cfg.seed)
+    if cfg.lora:
+        torch.manual_seed(cfg.seed)
+        base = apply_lora(base, r=cfg.lora_r, alpha=2 * cfg.lora_r)
+    data = [Batches(tokenizer, s, cfg.max_length) for s in (splits.train, splits.val, splits.test)]
+    return base, data
+
+
+# -- probe ---------------------------------------------------------------------------------
+def probe(schedule: str, seed: int, quick: bool, eval_every: int = 8) -> dict:
+    """Plain AdamW fine-tune; every candidate metric of every matrix at every step."""
+    from transformers import get_scheduler
+
+    cfg = dataclasses.replace(base_config("rt", seed, quick), schedule=schedule)
+    base, (train, _, test) = load(cfg)
+    model = fresh_copy(base)
+    comps = [c._replace(params=tuple((n, p) for n, p in c.params if p.requires_grad))
+             for c in discover_components(model)]
+    comps = [(c.name, c.kind, [n for n, _ in c.params], sum(p.numel() for _, p in c.params))
+             for c in comps if c.params]
+    params = {n: p for n, p in model.named_parameters()}
+    total = planned_steps(cfg, len(train))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    sched = get_scheduler(SCHEDULES[schedule], opt, num_warmup_steps=int(cfg.warmup_ratio * total),
+                          num_training_steps=total)
+    torch.manual_seed(cfg.seed)
+    rows, evals = [], []
+    b1, b2 = opt.param_groups[0]["betas"]
+    eps = opt.param_groups[0]["eps"]
+    model.train()
+    for step, index in enumerate(train.order(total, cfg.batch_size, cfg.seed), 1):
+        loss = model(**train.batch(index)).loss
+        loss.backward()
+        lr = opt.param_groups[0]["lr"]
+        before = {n: params[n].detach().clone() for _, _, names, _ in comps for n in names}
+        g1 = {name: sum(float(params[n].grad.abs().sum()) for n in names) / numel
+              for name, _, names, numel in comps}
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        row = {"step": step, "lr": lr, "loss": float(loss), "metrics": {}}
+        for name, _, names, numel in comps:
+            wd = sum(float((params[n].detach() - before[n]).abs().sum()) for n in names) / numel
+            snr = 0.0
+            for n in names:
+                st = opt.state[params[n]]
+                t = float(st["step"])
+                m = st["exp_avg"] / (1 - b1 ** t)
+                v = st["exp_avg_sq"] / (1 - b2 ** t)
+                snr += float((m / (v.sqrt() + eps)).abs().sum())
+            row["metrics"][name] = [g1[name], wd, snr / numel]
+        rows.append(row)
+        if step % eval_every == 0 or step == total:
+            evals.append([step, *evaluate(model, test, cfg.eval_batch_size)])
+    return {"schedule": schedule, "seed": seed, "total": total, "kinds": {name: kind for name, kind, _, _ in comps},
+            "metric_names": ["grad_l1", "weight_delta_l1", "update_snr"], "rows": rows, "test": evals}
+
+
+# -- study ---------------------------------------------------------------------------------
+def _run(method: str, cfg: FinetuneConfig, base, data) -> dict:
+    train, val, test = data
+    model = fresh_copy(base)
+    t0 = time.perf_counter()
+    r = train_method(method, model, train, val, test, cfg)
+    out = {k: v for k, v in dataclasses.asdict(r).items() if k not in ("history", "curve", "train_loss")}
+    out["elapsed_s"] = time.perf_counter() - t0
+    return out
+
+
+def grades_config(cfg: FinetuneConfig, variant: str) -> FinetuneConfig:
+    """GradES settings of a study variant: the library defaults, or a named alternative."""
+    d = dict(defaults.GRADES)
+    if variant != "defaults":
+        d.update(VARIANTS[variant])
+    return dataclasses.replace(cfg, metric=d["metric"], tau=d["tau"], tau_mode=d["tau_mode"],
+                               alpha=d["alpha"], grades_patience=d["patience"], ema=d["ema"],
+                               check_interval=d["check_interval"])
+
+
+# Alternatives compared with the defaults (the paper's / released code's metrics stay selectable).
+VARIANTS = {
+    "released": dict(metric="weight_delta_l1", tau=0.3, tau_mode="relative", alpha=0.3, patience=3, ema=0.0),
+}
+
+
+def study_one(setup: str, seed: int, quick: bool, variants: list, done: dict) -> dict:
+    key = f"{setup}/{seed}"
+    rec = done.get(key, {"setup": setup, "seed": seed})
+    cfg = base_config(setup, seed, quick)
+    base, data = load(cfg)
+    total = planned_steps(cfg, len(data[0]))
+    rec["planned_steps"] = total
+    for variant in variants:
+        name = f"grades[{variant}]"
+        if name not in rec:
+            rec[name] = _run("grades", grades_config(cfg, variant), base, data)
+            yield_record(done, key, rec)
+    stops = sorted({rec[f"grades[{v}]"]["steps"] for v in variants})
+    if "full" not in rec or any(str(s) not in rec["full"].get("at", {}) for s in stops):
+        r = _run("full", dataclasses.replace(cfg, eval_at=tuple(stops)), base, data)
+        r["at"] = {str(s): [a, lo] for s, a, lo in r.pop("test_at")}
+        rec["full"] = r
+        yield_record(done, key, rec)
+    if "classic-es" not in rec:
+        rec["classic-es"] = _run("classic-es", cfg, base, data)
+        yield_record(done, key, rec)
+    for s in stops:
+        name = f"truncated@{s}"
+        if name not in rec:
+            rec[name] = (rec["full"] if s == total else
+                         _run("full", dataclasses.replace(cfg, max_steps=s), base, data))
+            yield_record(done, key, rec)
+    return rec
+
+
+def yield_record(done: dict, key: str, rec: dict) -> None:
+    done[key] = rec
+    path = RESULTS / "decisions.json"
+    payload = json.loads(path.read_text()) if path.exists() else {}
+    payload.setdefault("runs", {})[key] = rec
+    payload["defaults"] = defaults.GRADES
+    payload.setdefault("context", context_line(torch.get_num_threads(), 0))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("probe")
+    p.add_argument("--schedule", nargs="+", default=["linear", "constant"], choices=list(SCHEDULES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true")
+    s = sub.add_parser("study")
+    s.add_argument("--setup", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    s.add_argument("--variants", nargs="+", default=["defaults"], choices=["defaults", *VARIANTS])
+    s.add_argument("--quick", action="store_true")
+    sub.add_parser("render")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    global RESULTS
+    if getattr(args, "quick", False):  # CI: a scratch folder, never the recorded results
+        import tempfile
+
+        RESULTS = pathlib.Path(tempfile.mkdtemp(prefix="study-quick-"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.cmd == "probe":
+        for schedule in args.schedule:
+            out = probe(schedule, args.seed, args.quick)
+            path = RESULTS / f"decisions_probe_{schedule}.json"
+            path.write_text(json.dumps(out))
+            logger.info("probe %s: %s", schedule, path)
+    elif args.cmd == "study":
+        path = RESULTS / "decisions.json"
+        done = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
+        for setup in args.setup:
+            for seed in args.seeds:
+                study_one(setup, seed, args.quick, args.variants, done)
+                logger.info("done %s seed %d", setup, seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
