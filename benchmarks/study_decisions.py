@@ -193,6 +193,95 @@ def yield_record(done: dict, key: str, rec: dict) -> None:
     tmp.replace(path)
 
 
+# -- render --------------------------------------------------------------------------------
+def _mean_sd(xs: list) -> str:
+    if not xs:
+        return "–"
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+
+
+def _delta(xs: list) -> str:
+    """Mean paired difference ± its standard error (sd / √n)."""
+    if len(xs) < 2:
+        return f"{xs[0]:+.1f} (n=1)" if xs else "–"
+    return f"{statistics.mean(xs):+.1f} ± {statistics.stdev(xs) / math.sqrt(len(xs)):.1f}"
+
+
+def render() -> str:
+    """decisions.md from decisions.json, and decisions_probe.png from the probes."""
+    payload = json.loads((RESULTS / "decisions.json").read_text())
+    by_setup: dict = {}
+    for rec in payload["runs"].values():
+        by_setup.setdefault(rec["setup"], []).append(rec)
+    lines = ["# Do GradES's freeze decisions carry information? (issue 10)", "",
+             f"Context: {payload['context']}", "",
+             f"GradES defaults: `{payload['defaults']}`; `released` = the released code's metric "
+             "(`weight_delta_l1`, relative τ 0.3, α 0.3, patience 3).", "",
+             "Accuracy in %, mean ± sd over seeds; Δ = paired difference (same seed, same split), "
+             "mean ± standard error. `trunc` = `full` whose whole schedule ends at that GradES run's stop step.", "",
+             "| setup | seeds | variant | acc | steps | frozen | freeze steps (first–last, distinct checks) "
+             "| Δ vs full | Δ vs full@stop | Δ vs trunc | full acc | classic-es acc |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for setup, recs in by_setup.items():
+        variants = sorted({k[7:-1] for r in recs for k in r if k.startswith("grades[")})
+        for v in variants:
+            rs = [r for r in recs if f"grades[{v}]" in r and "full" in r and f"truncated@{r[f'grades[{v}]']['steps']}" in r]
+            g = [r[f"grades[{v}]"] for r in rs]
+            acc = [100 * x["test_accuracy"] for x in g]
+            full = [100 * r["full"]["test_accuracy"] for r in rs]
+            at = [100 * r["full"]["at"][str(x["steps"])][0] for r, x in zip(rs, g)]
+            trunc = [100 * r[f"truncated@{x['steps']}"]["test_accuracy"] for r, x in zip(rs, g)]
+            spans = []
+            for x in g:
+                f = sorted(c["frozen_at_step"] for c in x["components"] if c["frozen_at_step"] is not None)
+                spans.append(f"{f[0]}–{f[-1]} ({len(set(f))})" if f else "none")
+            lines.append(
+                f"| {setup} | {len(rs)} | {v} | {_mean_sd(acc)} | {_mean_sd([x['steps'] for x in g])} "
+                f"| {_mean_sd([100 * (x['frozen_ratio'] or 0) for x in g])}% | {'; '.join(spans)} "
+                f"| {_delta([a - b for a, b in zip(acc, full)])} | {_delta([a - b for a, b in zip(acc, at)])} "
+                f"| {_delta([a - b for a, b in zip(acc, trunc)])} | {_mean_sd(full)} "
+                f"| {_mean_sd([100 * r['classic-es']['test_accuracy'] for r in rs])} |")
+    lines.append("")
+    _plot_probes()
+    return "\n".join(lines)
+
+
+def _plot_probes() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probes = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("decisions_probe_*.json"))]
+    if not probes:
+        return
+    fig, axes = plt.subplots(len(probes), 3, figsize=(14, 3.6 * len(probes)), squeeze=False)
+    for row, d in zip(axes, probes):
+        steps = [r["step"] for r in d["rows"]]
+        for col, (ax, name) in enumerate(zip(row, d["metric_names"])):
+            for kind, colour in (("attention", "tab:blue"), ("mlp", "tab:orange")):
+                for comp, k in d["kinds"].items():
+                    if k == kind:
+                        ax.plot(steps, [r["metrics"][comp][col] for r in d["rows"]], color=colour, alpha=0.15, lw=0.7)
+                ax.plot([], [], color=colour, label=kind)
+            ax.set_yscale("log" if name != "update_snr" else "linear")
+            ax.set_title(f"{d['schedule']} LR: {name} per matrix")
+            ax.set_xlabel("step")
+            ax.axvline(int(0.3 * d["total"]), color="grey", ls=":", lw=1)
+            twin = ax.twinx()
+            twin.plot([s for s, *_ in d["test"]], [100 * a for _, a, *_ in d["test"]], "k.-", lw=1,
+                      label="test acc %")
+            twin.plot(steps, [100 * r["lr"] / max(x["lr"] for x in d["rows"]) for r in d["rows"]], "g--", lw=1,
+                      label="LR (% of peak)")
+            twin.set_ylim(0, 100)
+            if col == 0:
+                ax.legend(loc="upper left", fontsize=8)
+                twin.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "decisions_probe.png", dpi=80)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -227,6 +316,9 @@ def main(argv=None) -> int:
             for seed in args.seeds:
                 study_one(setup, seed, args.quick, args.variants, done)
                 logger.info("done %s seed %d", setup, seed)
+    else:
+        (RESULTS / "decisions.md").write_text(render())
+        logger.info("wrote %s", RESULTS / "decisions.md")
     return 0
 
 

@@ -18,7 +18,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .defaults import GRADES as _G  # the help states the one source of defaults
+
 __all__ = ["main", "build_parser"]
+
 
 def _steps(text: str) -> tuple:
     """``--eval-at 24,48,96`` -> (24, 48, 96)."""
@@ -51,13 +54,13 @@ _HELP = {
     "lr": "AdamW learning rate (default 5e-5; 1e-4 with --quick)",
     "es_every": "classic-es: validate every N steps (default 25)",
     "es_patience": "classic-es: stop after N validations without improvement (default 3)",
-    "tau": "GradES threshold (default 0.3, a fraction with --tau-mode relative)",
-    "tau_mode": "GradES: relative (default) or absolute",
-    "alpha": "GradES grace period as a fraction of the planned steps (default 0.3)",
-    "grades_patience": "GradES: consecutive checks below threshold before freezing (default 3)",
-    "metric": "GradES metric: weight_delta_l1 (default), grad_l1, grad_l2, grad_delta_l1",
-    "ema": "GradES EMA smoothing of the metric in [0, 1) (default 0)",
-    "check_interval": "GradES: measure every N steps (default 1)",
+    "tau": f"GradES threshold (default {_G['tau']}, {_G['tau_mode']}; README: Choosing τ)",
+    "tau_mode": f"GradES: absolute or relative (default {_G['tau_mode']})",
+    "alpha": f"GradES grace period as a fraction of the planned steps (default {_G['alpha']})",
+    "grades_patience": f"GradES: consecutive checks below threshold before freezing (default {_G['patience']})",
+    "metric": f"GradES metric: update_snr, grad_l1, grad_l2, grad_delta_l1, weight_delta_l1 (default {_G['metric']})",
+    "ema": f"GradES EMA smoothing of the metric in [0, 1) (default {_G['ema']})",
+    "check_interval": f"GradES: measure every N steps (default {_G['check_interval']})",
     "probe_every": "validation-accuracy probe every N steps for the accuracy plot, clock paused "
                    "(default 50; 0 disables; --quick disables)",
     "seed": "seed for the split, the head initialisation, batches and dropout (default 0)",

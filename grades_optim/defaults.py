@@ -35,7 +35,9 @@ def resolve(given: dict, has_moments: bool) -> dict:
         if not has_moments and given.get("metric") in (None, GRADES["metric"]):
             if given.get("metric") is None:
                 preset.update(NO_MOMENTS)
-        if given.get("metric") not in (None, preset["metric"]):
+        from .magnitudes import METRICS  # an unknown metric is construct.validate's error, not this one
+
+        if given.get("metric") in METRICS and given["metric"] != preset["metric"]:
             raise ValueError(f"Invalid tau: None with metric={given['metric']!r}; the default tau belongs to "
                              f"metric={preset['metric']!r}. Give tau in the units of {given['metric']!r} "
                              "(README: Choosing τ)")

@@ -142,6 +142,10 @@ class GradESOptimizer(torch.optim.Optimizer):
         # a default alpha > 0 without total_steps waits for set_total_steps() (trainers call it)
         self._pending_alpha = d["alpha"] if alpha is None and total_steps is None and d["alpha"] > 0 else None
         alpha = 0.0 if self._pending_alpha is not None else d["alpha"]
+        construct.validate(tau=tau, alpha=alpha, total_steps=total_steps, grace_steps=grace_steps,
+                           check_interval=check_interval, metric=metric, reduction=reduction,
+                           patience=patience, ema=ema, tau_mode=tau_mode, max_frozen_ratio=max_frozen_ratio,
+                           freeze_mode=freeze_mode, impl=impl, record_history=record_history)
         if metric in mag.MOMENT_METRICS and not has_moments:
             raise ValueError(f"Invalid metric: {metric!r} reads Adam's moments (exp_avg, exp_avg_sq, betas, eps); "
                              f"{type(optimizer).__name__} has none. Use an Adam-family inner optimizer or "

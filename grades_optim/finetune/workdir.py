@@ -52,6 +52,7 @@ def config_identity(cfg: FinetuneConfig, world_size: int = 1) -> dict:
 
     ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_HASHED}
     ident["methods"] = list(ident["methods"])
+    ident["eval_at"] = list(ident.get("eval_at") or ())  # a tuple in the config, a list once read back from JSON
     ident["grades_optim_version"] = __version__
     if world_size > 1:  # torchrun: the batch split and the per-rank RNG states depend on it
         ident["world_size"] = world_size

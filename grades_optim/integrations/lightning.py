@@ -17,8 +17,7 @@ Example::
 
     class LitModel(L.LightningModule):
         def configure_optimizers(self):
-            opt = grades_optimizer(self, torch.optim.AdamW(self.parameters(), lr=1e-3),
-                                   tau=0.5, tau_mode="relative", alpha=0.1)
+            opt = grades_optimizer(self, torch.optim.AdamW(self.parameters(), lr=1e-3))  # GradES preset
             return opt
 
     L.Trainer(max_steps=1000, callbacks=[GradESCallback()]).fit(LitModel(), loader)
