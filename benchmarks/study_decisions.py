@@ -321,11 +321,16 @@ def main(argv=None) -> int:
     s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     s.add_argument("--variants", nargs="+", default=["defaults"], choices=["defaults", *VARIANTS])
     s.add_argument("--quick", action="store_true")
-    sub.add_parser("render")
+    r = sub.add_parser("render")
+    for sp in (p, s, r):
+        sp.add_argument("--out", type=pathlib.Path, default=None,
+                        help="results folder (default benchmarks/results; --quick: a scratch folder)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     global RESULTS
-    if getattr(args, "quick", False):  # CI: a scratch folder, never the recorded results
+    if args.out is not None:
+        RESULTS = args.out
+    elif getattr(args, "quick", False):  # CI: a scratch folder, never the recorded results
         import tempfile
 
         RESULTS = pathlib.Path(tempfile.mkdtemp(prefix="study-quick-"))
@@ -343,6 +348,8 @@ def main(argv=None) -> int:
             for seed in args.seeds:
                 study_one(setup, seed, args.quick, args.variants, done)
                 logger.info("done %s seed %d", setup, seed)
+        if args.quick:  # CI also renders, so the report code cannot rot either
+            (RESULTS / "decisions.md").write_text(render())
     else:
         (RESULTS / "decisions.md").write_text(render())
         logger.info("wrote %s", RESULTS / "decisions.md")

@@ -53,3 +53,24 @@ def test_bench_train_step_quick(tmp_path):
     assert [r["provider"] for r in rows] == ["bare", "grades", "grades-ci8"]
     assert all(float(r["ms_per_step"]) > 0 and int(r["components"]) == 14 for r in rows)
     assert "| provider | ms/step (median) |" in (tmp_path / "bench_train_step_quick.md").read_text()
+
+
+def test_study_decisions_quick(tmp_path):
+    """The decisions study (issue 10): every method of a setup, the truncation baseline, the report."""
+    script = str(ROOT / "benchmarks" / "study_decisions.py")
+    for args in (["study", "--setup", "rt", "--seeds", "0", "--variants", "defaults", "released"],
+                 ["probe", "--setup", "rt"]):
+        proc = subprocess.run([sys.executable, script, *args, "--quick", "--out", str(tmp_path)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    import json
+
+    rec = json.loads((tmp_path / "decisions.json").read_text())["runs"]["rt/0"]
+    stops = {rec[f"grades[{v}]"]["steps"] for v in ("defaults", "released")}
+    assert {"full", "classic-es"} <= set(rec) and all(f"truncated@{s}" in rec for s in stops)
+    assert all(str(s) in rec["full"]["at"] for s in stops)  # full scored at every GradES stop step
+    assert all(rec[f"truncated@{s}"]["steps"] == s for s in stops)
+    md = (tmp_path / "decisions.md").read_text()
+    assert md.count("| rt | 1 |") == 2, md
+    probe = json.loads((tmp_path / "decisions_probe_rt.json").read_text())
+    assert len(probe["rows"]) == probe["total"] and probe["metric_names"][2] == "update_snr"
