@@ -38,6 +38,7 @@ from grades_optim import defaults  # noqa: E402
 from grades_optim.components import discover_components  # noqa: E402
 from grades_optim.finetune import FinetuneConfig  # noqa: E402
 from grades_optim.finetune.config import QUICK, SCHEDULES  # noqa: E402
+from grades_optim.finetune.data import Example  # noqa: E402
 from grades_optim.finetune.model import apply_lora, fresh_copy, load_model  # noqa: E402
 from grades_optim.finetune.runner import _load_data, context_line  # noqa: E402
 from grades_optim.finetune.train import Batches, evaluate, planned_steps, train_method  # noqa: E402
@@ -65,18 +66,12 @@ LM_PRETRAIN_STEPS = 400
 
 
 class LMBatches(Batches):
-    """Texts as causal-LM batches: labels are the input ids with padding ignored (-100); the model
-    shifts them itself. Same dynamic padding and seeded order as the classification batches."""
-
-    def __init__(self, tokenizer, texts, max_length: int):
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-        self.ids = enc["input_ids"]
-        self.type_ids = None
-        self.labels = torch.zeros(len(self.ids), dtype=torch.long)  # unused; keeps len(labels) right
-        self.pad = tokenizer.pad_token_id
+    """Examples as causal-LM batches: labels are the input ids with padding ignored (-100); the model
+    shifts them itself. Tokenising, padding and the seeded order are the classification batches'."""
 
     def batch(self, index) -> dict:
         out = super().batch(index)
+        out.pop("token_type_ids", None)  # a BERT tokenizer's segment ids mean nothing to a Llama
         out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
         return out
 
@@ -115,7 +110,7 @@ def pretrained_lm(tokenizer, max_length: int, seed: int = 0):
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
-    data = LMBatches(tokenizer, _guardian_headlines(), max_length)
+    data = LMBatches(tokenizer, [Example(t, 0) for t in _guardian_headlines()], max_length)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 40))
     model.train()
@@ -172,7 +167,7 @@ def load(cfg: FinetuneConfig, setup: str = "rt"):
     tokenizer, base, _ = load_model(cfg.model, len(splits.label_names), seed=cfg.seed)
     if is_lm(setup):
         base = pretrained_lm(tokenizer, cfg.max_length, seed=0)
-        return base, [LMBatches(tokenizer, [ex.text for ex in s], cfg.max_length)
+        return base, [LMBatches(tokenizer, s, cfg.max_length)
                       for s in (splits.train, splits.val, splits.test)]
     if cfg.lora:
         torch.manual_seed(cfg.seed)
