@@ -12,6 +12,14 @@ Where state lives (DESIGN §4): GradES bookkeeping is written into extra keys of
 ``grades_state``), so ``state_dict()`` survives ``torch.load(weights_only=True)``, HF checkpoints
 and DCP without custom code. Frozen parameters stay in their groups; their big state tensors are
 dropped and a minimal entry (``step``) is kept.
+
+Host cost (issue 11): per step the wrapper does O(groups + live parameters) Python work. What the
+step needs from the components, the groups and the freeze set (per-group live parameter lists,
+owner indices, element counts) is cached in a :class:`_Layout`, rebuilt only when the groups or
+the freeze set change. The ``grades_*`` keys are written in full at ``state_dict()`` (and at
+construction, ``load_state_dict`` and group changes); between those, a freeze updates only the
+frozen component's entries, so the freeze set in the inner groups is always current while the
+live components' rule readings there may lag until the next ``state_dict()``.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ from . import distributed as dist_utils
 from . import fused_step
 from . import magnitudes as mag
 from .components import Component
-from .rule import ComponentState, RuleConfig, decide_all, should_stop
+from .rule import ComponentState, RuleConfig, decide, stop_reached
 
 __all__ = ["GradESOptimizer", "CheckRecord"]
 
@@ -40,6 +48,10 @@ logger = logging.getLogger("grades_optim")
 # the components froze together at the first checks after the grace period
 GUARD_NOTHING_AT = 0.75
 GUARD_BURST = 0.5
+# record_history's default bound, in records: ~200 k x ~160 B = ~32 MiB at most (trimmed at twice
+# this), a few thousand checks of a 36-matrix model; each component's freeze step and latest
+# reading stay complete in ``timeline()`` whatever the bound
+DEFAULT_HISTORY = 200_000
 
 _KEYS = ("grades_step", "grades_cid", "grades_numel", "grades_state")
 _PREV_GRAD = "grades_prev_grad"
@@ -100,9 +112,11 @@ class GradESOptimizer(torch.optim.Optimizer):
             touches ``requires_grad``; safe under DDP and compiled graphs) or ``"auto"``.
         impl: ``"auto"``, ``"torch"`` or ``"triton"`` for the reductions and, with AdamW/Adam/SGD and
             a gradient metric, the fused step (``opt.fast_path``/``fast_path_reason`` say which ran).
-        record_history: keep one :class:`CheckRecord` per component per check in ``history``
-            (``True``), none (``False``), or only about the latest N records (an int: memory stays
-            bounded, ~170 bytes per record). ``last_check`` always holds the latest check's records.
+        record_history: keep one :class:`CheckRecord` per component per check in ``history``: about
+            the latest N records (an int; default ``DEFAULT_HISTORY`` = 200,000, ~160 bytes each),
+            every record (``True``: grows without bound) or none (``False``). ``last_check`` always
+            holds the latest check's records and ``timeline()`` each component's freeze step and
+            latest reading, whatever the bound.
         process_group: the ranks that must agree on freeze decisions (default: the default group
             when ``torch.distributed`` is initialized); one small all-reduce per check.
 
@@ -128,7 +142,7 @@ class GradESOptimizer(torch.optim.Optimizer):
                  check_interval: Optional[int] = None, metric: Optional[str] = None,
                  reduction: Optional[str] = None, patience: Optional[int] = None,
                  ema: Optional[float] = None, tau_mode: Optional[str] = None, max_frozen_ratio: float = 1.0,
-                 freeze_mode: str = "auto", impl: str = "auto", record_history=True,
+                 freeze_mode: str = "auto", impl: str = "auto", record_history=DEFAULT_HISTORY,
                  process_group=None):
         construct.validate_inner(optimizer)
         has_moments = all("betas" in g and "eps" in g for g in optimizer.param_groups)
@@ -169,6 +183,9 @@ class GradESOptimizer(torch.optim.Optimizer):
         self.freeze_mode, self.freeze_mode_reason = construct.resolve_freeze_mode(
             freeze_mode, model, optimizer, dist_utils.resolve_group(process_group))
         self._states = [ComponentState() for _ in self.components]
+        self._last = [None] * len(self.components)  # each component's latest CheckRecord
+        self._freeze_version = 0  # bumped whenever the freeze set changes: the _Layout cache key
+        self._layout_cache: Optional[_Layout] = None
         self._step = 0
         self.history: list[CheckRecord] = []
         self.last_check: list[CheckRecord] = []  # the live components' records of the latest check
@@ -244,7 +261,15 @@ class GradESOptimizer(torch.optim.Optimizer):
 
     @property
     def should_stop(self) -> bool:
-        return should_stop(self._states, self.max_frozen_ratio)
+        layout = self._layout()
+        return stop_reached(len(self.components) - len(layout.live_cids), len(self.components),
+                            self.max_frozen_ratio)
+
+    def timeline(self) -> list[dict]:
+        """Per component: name, kind, the step it froze at (``None`` while it trains) and its latest
+        :class:`CheckRecord` (``None`` before its first check). Complete whatever ``record_history``."""
+        return [dict(name=c.name, kind=c.kind, frozen_at_step=c.frozen_at_step, last=last)
+                for c, last in zip(self.components, self._last)]
 
     def set_total_steps(self, total_steps: int) -> None:
         """Set the planned number of steps (e.g. from a trainer) and re-derive the grace period."""
@@ -356,18 +381,12 @@ class GradESOptimizer(torch.optim.Optimizer):
 
     def _live_tracked_with_grad(self):
         """(component index, param) of every tracked, unfrozen parameter that has a gradient."""
-        out = []
-        for c, comp in enumerate(self.components):
-            if comp.frozen:
-                continue
-            for g, i in comp.positions:
-                p = self.param_groups[g]["params"][i]
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise ValueError(
-                            f"Sparse gradient for {comp.name}: GradES measures dense projection-matrix "
-                            "gradients; exclude this parameter from the components (matcher=/components=)")
-                    out.append((c, p))
+        out = [(c, p) for c, p in self._layout().live if p.grad is not None]
+        for c, p in out:
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"Sparse gradient for {self.components[c].name}: GradES measures dense projection-matrix "
+                    "gradients; exclude this parameter from the components (matcher=/components=)")
         return out
 
     def _measure(self, tensors, live, others=None, sums=None) -> list[Optional[float]]:
@@ -384,44 +403,45 @@ class GradESOptimizer(torch.optim.Optimizer):
     def _measure_update_snr(self, live):
         need = mag.MOMENT_METRICS[self.metric]
         have = [(c, p) for c, p in live if all(k in self.state.get(p, {}) for k in need)]
-        where = {id(p): group for group in self.param_groups for p in group["params"]}
+        where, groups = self._layout().group_of, self.param_groups
         params = [p for _, p in have]
         sums = mag.update_snr_sums(params, [self.state[p] for p in params],
-                                   [tuple(where[id(p)]["betas"]) for p in params],
-                                   [float(where[id(p)]["eps"]) for p in params])
+                                   [tuple(groups[where[id(p)]]["betas"]) for p in params],
+                                   [float(groups[where[id(p)]]["eps"]) for p in params])
         return self._measure(params, have, sums=sums)
 
     def _keep_prev_grads(self, live) -> None:
         # Only the gradient of the step right before a check is needed.
+        # Frozen components' copies went at their freeze (_release_state), so live ones suffice.
         keep = (self._step + 1) % self.check_interval == 0
         has_grad = {id(p) for _, p in live}
-        for comp in self.components:
-            for g, i in comp.positions:
-                p = self.param_groups[g]["params"][i]
-                st = self.state.get(p)
-                if keep and id(p) in has_grad:
-                    self.state[p][_PREV_GRAD] = p.grad.detach().clone()
-                elif st and _PREV_GRAD in st:
-                    del st[_PREV_GRAD]
+        for _, p in self._layout().live:
+            st = self.state.get(p)
+            if keep and id(p) in has_grad:
+                self.state[p][_PREV_GRAD] = p.grad.detach().clone()
+            elif st and _PREV_GRAD in st:
+                del st[_PREV_GRAD]
 
     def _check(self, values: list[Optional[float]]) -> None:
-        bad = [comp.name for comp, v in zip(self.components, values)
-               if v is not None and not math.isfinite(v) and not comp.frozen]
+        live = self._layout().live_cids  # the rule runs over live components only: frozen is final
+        bad = [self.components[c].name for c in live
+               if values[c] is not None and not math.isfinite(values[c])]
         if bad:  # reported, never read as converged (the rule skips the reading)
             self.nonfinite_readings += len(bad)
             logger.warning("GradES step %d: non-finite gradient magnitude for %d component(s) (%s); "
                            "they are not frozen on this reading", self._step, len(bad), ", ".join(bad[:5]))
-        results = decide_all(self._states, values, self._step, self._cfg)
         newly, records = [], []
-        for c, (comp, (state, value, threshold)) in enumerate(zip(self.components, results)):
-            if comp.frozen:
-                continue
-            self._states[c] = state
-            if state.frozen_at is not None:
-                comp.frozen_at_step = state.frozen_at
-                newly.append(comp)
-            records.append(CheckRecord(self._step, comp.name, comp.kind, _nan(values[c]),
-                                       _nan(value), _nan(threshold), comp.frozen))
+        step, cfg, states, last = self._step, self._cfg, self._states, self._last
+        for c in live:
+            comp, metric = self.components[c], values[c]
+            state, value, threshold = decide(states[c], metric, step, cfg)
+            states[c] = state
+            frozen = state.frozen_at is not None
+            if frozen:
+                newly.append(c)
+            last[c] = record = CheckRecord(step, comp.name, comp.kind, _nan(metric), _nan(value), _nan(threshold),
+                                           frozen)
+            records.append(record)
         self.last_check = records
         if not self._warned_unmeasured and self._step > self.grace_steps:
             self._warn_unmeasured()
@@ -430,26 +450,29 @@ class GradESOptimizer(torch.optim.Optimizer):
             limit = self.record_history if construct.is_int(self.record_history) else None
             if limit is not None and len(self.history) > 2 * limit:  # trim in batches: amortised O(1)
                 del self.history[:-limit]
-        self._guards(newly)
+        frozen_before = len(self.components) - len(live)
+        self._guards(len(newly), frozen_before)
         if newly:
-            for comp in newly:
-                self._freeze(comp)
-            s = self.summary()
+            for c in newly:
+                self.components[c].frozen_at_step = step
+                self._freeze(self.components[c])
+            self._freeze_version += 1
+            self._write_frozen(newly)
             logger.info("GradES step %d: froze %s (%d/%d frozen)", self._step,
-                        ", ".join(c.name for c in newly), s["frozen"], s["tracked"])
-        self._write_groups()
+                        ", ".join(self.components[c].name for c in newly), frozen_before + len(newly),
+                        len(self.components))
 
-    def _guards(self, newly: list) -> None:
+    def _guards(self, newly: int, frozen_before: int) -> None:
         """Say when the freeze decisions look uninformative (README "Choosing τ")."""
-        n, frozen_before = len(self.components), sum(c.frozen for c in self.components) - len(newly)
+        n = len(self.components)
         early = self.grace_steps + self._cfg.patience * self.check_interval
-        if newly and frozen_before == 0 and self._step <= early and len(newly) > GUARD_BURST * n:
-            self.guard_burst = len(newly)
+        if newly and frozen_before == 0 and self._step <= early and newly > GUARD_BURST * n:
+            self.guard_burst = newly
             logger.warning("GradES step %d: %d of %d components froze at the first checks after the grace period "
                            "(%d steps): the threshold is too loose for this run (tau=%g, metric=%s); lower tau or "
-                           "see README 'Choosing tau'", self._step, len(newly), n, self.grace_steps, self.tau,
+                           "see README 'Choosing tau'", self._step, newly, n, self.grace_steps, self.tau,
                            self.metric)
-        if (not self.guard_nothing_frozen and self.total_steps and frozen_before + len(newly) == 0
+        if (not self.guard_nothing_frozen and self.total_steps and frozen_before + newly == 0
                 and self._step >= GUARD_NOTHING_AT * self.total_steps):
             self.guard_nothing_frozen = True
             logger.warning("GradES step %d of %d: nothing has frozen yet; with tau=%g (metric=%s, tau_mode=%s) the "
@@ -473,22 +496,25 @@ class GradESOptimizer(torch.optim.Optimizer):
 
     # -- freezing --------------------------------------------------------------------------
     def _freeze(self, comp: Component) -> None:
-        for g, i in comp.positions:
-            p = self.param_groups[g]["params"][i]
+        params = [self.param_groups[g]["params"][i] for g, i in comp.positions]
+        for p in params:
+            st = self.state.get(p)
+            if st:  # the metric's own copies go too, whatever their size
+                st.pop(_PREV_GRAD, None)
+                st.pop(_PREV_WEIGHT, None)
             self.released_state_bytes += _release_state(self.state, p)
-        self._apply_freezes([comp])
+        self._apply_freezes(params)
 
-    def _apply_freezes(self, comps=None) -> None:
+    def _apply_freezes(self, params=None) -> None:
         # Re-asserted every step: PEFT set_adapter, Lightning's toggling and user code can flip
         # requires_grad back on, and a stale compiled graph may still produce a gradient.
-        for comp in self.components if comps is None else comps:
-            if not comp.frozen:
-                continue
-            for g, i in comp.positions:
-                p = self.param_groups[g]["params"][i]
+        # Two attribute reads per frozen parameter while nothing flipped.
+        toggle = self.freeze_mode == "requires_grad"
+        for p in self._layout().frozen if params is None else params:
+            if p.grad is not None:
                 p.grad = None
-                if self.freeze_mode == "requires_grad" and p.requires_grad:
-                    p.requires_grad_(False)
+            if toggle and p.requires_grad:
+                p.requires_grad_(False)
 
     def _masked_inner_step(self, hide_tracked: bool = False) -> None:
         """Run the inner step with frozen (or, for the fused path, all tracked) parameters taken out of its groups.
@@ -497,14 +523,13 @@ class GradESOptimizer(torch.optim.Optimizer):
         gradient as zero would still decay or move a frozen matrix; hiding the parameter is the
         one way that keeps it bit-identical under every inner optimizer.
         """
+        layout = self._layout()
+        shown = layout.untracked if hide_tracked else layout.unfrozen
         saved = []
-        for g, group in enumerate(self.param_groups):
-            frozen = [i for i, c in enumerate(group["grades_cid"])
-                      if c >= 0 and (hide_tracked or self.components[c].frozen)]
-            if frozen:
+        for group, params in zip(self.param_groups, shown):
+            if params is not None:  # None: the group shows every parameter as it is
                 saved.append((group, group["params"]))
-                drop = set(frozen)
-                group["params"] = [p for i, p in enumerate(group["params"]) if i not in drop]
+                group["params"] = params
         try:
             self._inner.step()
         finally:
@@ -550,23 +575,27 @@ class GradESOptimizer(torch.optim.Optimizer):
             self._adopt_groups()
         else:
             self._step, self._states = 0, [ComponentState() for _ in self.components]
+            self._last = [None] * len(self.components)
             for comp in self.components:
                 if comp.frozen and self.freeze_mode == "requires_grad":  # undo what we froze
                     for g, i in comp.positions:
                         self.param_groups[g]["params"][i].requires_grad_(True)
                 comp.frozen_at_step = None
+            self._freeze_version += 1
         self._write_groups()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _layout(self):
-        """Per group: the component index of each param (-1 untracked) and each param's numel."""
-        cid = {pos: c for c, comp in enumerate(self.components) for pos in comp.positions}
-        return [([cid.get((g, i), -1) for i in range(len(group["params"]))],
-                 [int(p.numel()) for p in group["params"]]) for g, group in enumerate(self.param_groups)]
+    def _layout(self) -> "_Layout":
+        """The cached :class:`_Layout`; rebuilt when the groups or the freeze set changed."""
+        cached = self._layout_cache
+        if cached is None or not cached.valid(self.param_groups, self._freeze_version):
+            cached = self._layout_cache = _Layout(self)
+        return cached
 
     def _layout_error(self, saved_groups) -> Optional[str]:
-        for g, (saved, (cid, numel)) in enumerate(zip(saved_groups, self._layout())):
+        layout = self._layout()
+        for g, (saved, cid, numel) in enumerate(zip(saved_groups, layout.cid, layout.numel)):
             for key, mine in (("grades_cid", cid), ("grades_numel", numel)):
                 if list(saved[key]) != mine:
                     return (f"state_dict is from a different parameter layout: param_groups[{g}]['{key}'] is "
@@ -575,12 +604,26 @@ class GradESOptimizer(torch.optim.Optimizer):
         return None
 
     def _write_groups(self) -> None:
-        for group, (ids, numel) in zip(self.param_groups, self._layout()):
+        """Write every ``grades_*`` key into the inner groups (state_dict, construction, loads)."""
+        layout = self._layout()
+        counters = [self.released_state_bytes, self.nonfinite_readings]
+        for group, ids, numel in zip(self.param_groups, layout.cid, layout.numel):
             group["grades_step"] = self._step
-            group["grades_cid"] = ids
-            group["grades_numel"] = numel
-            group["grades_state"] = [list(dataclasses.astuple(self._states[c])) if c >= 0 else None
-                                     for c in ids]
+            group["grades_cid"] = list(ids)
+            group["grades_numel"] = list(numel)
+            group["grades_state"] = [list(self._states[c]) if c >= 0 else None for c in ids]
+            group["grades_counters"] = list(counters)
+
+    def _write_frozen(self, cids) -> None:
+        """After a freeze: only the frozen components' entries (and the counters) change."""
+        groups = self.param_groups
+        if any("grades_state" not in g for g in groups):
+            self._write_groups()
+            return
+        for c in cids:
+            for g, i in self.components[c].positions:
+                groups[g]["grades_state"][i] = list(self._states[c])
+        for group in groups:
             group["grades_counters"] = [self.released_state_bytes, self.nonfinite_readings]
 
     def _adopt_groups(self) -> None:
@@ -595,6 +638,8 @@ class GradESOptimizer(torch.optim.Optimizer):
             if comp.frozen:
                 for g, i in comp.positions:
                     _release_state(self.state, self.param_groups[g]["params"][i])
+        self._last = [None] * len(self.components)
+        self._freeze_version += 1
         self._apply_freezes()
 
     def _resolve_grace(self) -> int:
@@ -607,6 +652,56 @@ class GradESOptimizer(torch.optim.Optimizer):
 
 
 # -- helpers -------------------------------------------------------------------------------
+class _Layout:
+    """What a step needs from the components, the groups and the freeze set, computed once.
+
+    Valid while the inner optimizer has the same group dicts holding the same ``params`` lists
+    of the same lengths, and the freeze set is unchanged (``GradESOptimizer._freeze_version``):
+    ``add_param_group``, ``load_state_dict`` (new group dicts) and accelerate's parameter swap
+    (new ``params`` lists) all rebuild it. Checking that costs O(groups) per step.
+
+    Attributes: per group ``cid`` (each param's component index, -1 untracked) and ``numel``;
+    ``live_cids`` (unfrozen components) and ``live`` (their ``(component, param)`` pairs);
+    ``frozen`` (frozen components' params); per group ``unfrozen`` / ``untracked`` (the params
+    lists the masked inner step shows, or ``None`` when the group shows all); ``group_of``
+    (``id(param)`` -> group index).
+    """
+
+    __slots__ = ("refs", "version", "cid", "numel", "live_cids", "live", "frozen", "unfrozen", "untracked",
+                 "group_of")
+
+    def __init__(self, opt: "GradESOptimizer"):
+        groups = opt.param_groups
+        self.refs = [(g, g["params"], len(g["params"])) for g in groups]
+        self.version = opt._freeze_version
+        self.cid = [[-1] * len(g["params"]) for g in groups]
+        for c, comp in enumerate(opt.components):
+            for g, i in comp.positions:
+                self.cid[g][i] = c
+        self.numel = [[int(p.numel()) for p in g["params"]] for g in groups]
+        comps = opt.components
+        self.live_cids = [c for c, comp in enumerate(comps) if not comp.frozen]
+        self.live = [(c, groups[g]["params"][i]) for c in self.live_cids for g, i in comps[c].positions]
+        self.frozen = [groups[g]["params"][i] for comp in comps if comp.frozen for g, i in comp.positions]
+        self.unfrozen, self.untracked = [], []
+        for group, ids in zip(groups, self.cid):
+            params = group["params"]
+            shown = [p for p, c in zip(params, ids) if c < 0 or not comps[c].frozen]
+            bare = [p for p, c in zip(params, ids) if c < 0]
+            self.unfrozen.append(None if len(shown) == len(params) else shown)
+            self.untracked.append(None if len(bare) == len(params) else bare)
+        self.group_of = {id(p): g for g, group in enumerate(groups) for p in group["params"]}
+
+    def valid(self, groups, version: int) -> bool:
+        refs = self.refs
+        if version != self.version or len(groups) != len(refs):
+            return False
+        for group, (g, params, n) in zip(groups, refs):
+            if group is not g or group["params"] is not params or len(params) != n:
+                return False
+        return True
+
+
 class _WeightWindow:
     """weight_delta_l1 with check_interval k > 1: W_t - W_{t-k}, as the released code measures it.
 
@@ -626,10 +721,11 @@ class _WeightWindow:
 
     def close(self, check: bool) -> None:
         opt = self.opt
-        if check and self.active:
-            for comp in opt.components:
-                for g, i in comp.positions:
-                    opt.state.get(opt.param_groups[g]["params"][i], {}).pop(_PREV_WEIGHT, None)
+        if check and self.active:  # frozen components' copies went at their freeze
+            for _, p in opt._layout().live:
+                st = opt.state.get(p)
+                if st:
+                    st.pop(_PREV_WEIGHT, None)
         for p, copy in self._copies:
             opt.state[p][_PREV_WEIGHT] = copy
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
-__all__ = ["RuleConfig", "ComponentState", "decide", "decide_all", "should_stop", "TAU_MODES"]
+__all__ = ["RuleConfig", "ComponentState", "decide", "decide_all", "should_stop", "stop_reached", "TAU_MODES"]
 
 TAU_MODES = ("absolute", "relative")
 
@@ -37,9 +37,12 @@ class RuleConfig:
     tau_mode: str = "absolute"
 
 
-@dataclasses.dataclass(frozen=True)
-class ComponentState:
-    """Everything the rule remembers about one component, as plain numbers (checkpoint-safe)."""
+class ComponentState(NamedTuple):
+    """Everything the rule remembers about one component, as plain numbers (checkpoint-safe).
+
+    A NamedTuple, not a dataclass: the wrapper builds one per live component per check, and
+    checkpoints store ``list(state)``; ``ComponentState(*saved)`` reads them back.
+    """
 
     frozen_at: Optional[int] = None
     below: int = 0  # consecutive checks under the threshold
@@ -66,25 +69,26 @@ def threshold_for(state: ComponentState, cfg: RuleConfig) -> Optional[float]:
 
 def decide(state: ComponentState, metric: Optional[float], step: int, cfg: RuleConfig):
     """One check of one component. Returns ``(new_state, compared_value, threshold)``."""
-    if state.frozen_at is not None:
+    # States are built positionally (frozen_at, below, smoothed, ref_sum, ref_count, ref_first):
+    # this runs once per live component per check, where _replace would cost several times more.
+    frozen_at, below, smoothed, ref_sum, ref_count, ref_first = state
+    if frozen_at is not None:
         return state, None, threshold_for(state, cfg)
     if not _finite(metric):
-        return dataclasses.replace(state, below=0), None, threshold_for(state, cfg)
-    value = metric if cfg.ema <= 0 or state.smoothed is None else (
-        cfg.ema * state.smoothed + (1.0 - cfg.ema) * metric)
-    state = dataclasses.replace(state, smoothed=value)
+        return ComponentState(None, 0, smoothed, ref_sum, ref_count, ref_first), None, threshold_for(state, cfg)
+    value = metric if cfg.ema <= 0 or smoothed is None else cfg.ema * smoothed + (1.0 - cfg.ema) * metric
     if step < cfg.grace_steps:
-        return (dataclasses.replace(state, below=0, ref_sum=state.ref_sum + value,
-                                    ref_count=state.ref_count + 1), value, threshold_for(state, cfg))
+        state = ComponentState(None, 0, value, ref_sum + value, ref_count + 1, ref_first)
+        return state, value, threshold_for(state, cfg)
     threshold = threshold_for(state, cfg)
     if threshold is None:
         # relative mode with no grace reading: this first reading becomes the reference; a value
         # is never "below a fraction of itself" for tau <= 1, so it cannot freeze here.
-        state = dataclasses.replace(state, ref_first=value, below=0)
+        state = ComponentState(None, 0, value, ref_sum, ref_count, value)
         return state, value, threshold_for(state, cfg)
-    below = state.below + 1 if value < threshold else 0
+    below = below + 1 if value < threshold else 0
     frozen_at = step if below >= cfg.patience else None
-    return dataclasses.replace(state, below=below, frozen_at=frozen_at), value, threshold
+    return ComponentState(frozen_at, below, value, ref_sum, ref_count, ref_first), value, threshold
 
 
 def decide_all(states: Sequence[ComponentState], metrics: Sequence[Optional[float]], step: int,
@@ -97,7 +101,9 @@ def decide_all(states: Sequence[ComponentState], metrics: Sequence[Optional[floa
 
 def should_stop(states: Sequence[ComponentState], max_frozen_ratio: float) -> bool:
     """GradES early stop: the frozen fraction of tracked components reached ``max_frozen_ratio``."""
-    if not states:
-        return False
-    frozen = sum(s.frozen_at is not None for s in states)
-    return frozen / len(states) >= max_frozen_ratio
+    return stop_reached(sum(s.frozen_at is not None for s in states), len(states), max_frozen_ratio)
+
+
+def stop_reached(frozen: int, tracked: int, max_frozen_ratio: float) -> bool:
+    """:func:`should_stop` from counts (the wrapper keeps a running frozen count)."""
+    return tracked > 0 and frozen / tracked >= max_frozen_ratio

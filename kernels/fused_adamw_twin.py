@@ -61,16 +61,21 @@ def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord=1):
 
 
 def _coefficients(steps, active, lr, beta1, beta2):
-    """Advance the active steps and return torch's per-tensor step_size and sqrt(bias_correction2)."""
-    step_size, bc2_sqrt = [], []
-    for s, a in zip(steps, active):
-        if a:
-            s += 1  # in place, like torch's `step_t += 1`
-        k = float(s)  # CPU tensor: no device sync
-        # Python doubles, exactly as torch's _single_tensor_adam computes them (k=0 only when frozen).
-        step_size.append(lr / (1 - beta1 ** k) if k > 0 else 0.0)
-        bc2_sqrt.append(math.sqrt(1 - beta2 ** k) if k > 0 else 1.0)
-    return step_size, bc2_sqrt
+    """Advance the active steps and return torch's per-tensor step_size and sqrt(bias_correction2).
+
+    In bulk: one in-place ``_foreach_add_`` (torch's ``step_t += 1``), one read of each CPU counter
+    (no device sync), and the bias corrections once per distinct step value (usually one per group).
+    """
+    live = [s for s, a in zip(steps, active) if a]
+    if live:
+        torch._foreach_add_(live, 1)
+    ks = [float(s) for s in steps]
+    memo = {}
+    for k in ks:
+        if k not in memo:
+            # Python doubles, exactly as torch's _single_tensor_adam computes them (k=0 only when frozen).
+            memo[k] = (lr / (1 - beta1 ** k), math.sqrt(1 - beta2 ** k)) if k > 0 else (0.0, 1.0)
+    return [memo[k][0] for k in ks], [memo[k][1] for k in ks]
 
 
 def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],

@@ -1,0 +1,173 @@
+"""Host cost per step (issue 11): the cached layout, lazy group keys, live-only rule, bounded history.
+
+Structure, not timings (those live in benchmarks/bench_host_overhead.py): these tests check that
+steady steps rebuild nothing, that what is cached is rebuilt when groups or the freeze set change,
+that frozen components drop out of the per-step work, and that the bounded history keeps the
+timeline users need complete.
+"""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from grades_optim import GradESOptimizer, optimizer as optimizer_mod
+from grades_optim.rule import ComponentState, RuleConfig, decide
+
+
+def _params(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(3, 2, generator=g)) for _ in range(n)]
+
+
+def _wrap(params, inner=None, **kw):
+    kw = dict(dict(tau=1e-9, tau_mode="absolute", metric="grad_l1", grace_steps=0, patience=1, ema=0.0,
+                   impl="torch"), **kw)
+    inner = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0) if inner is None else inner
+    return GradESOptimizer(inner, components={f"layers.{i}.q_proj": p for i, p in enumerate(params)}, **kw)
+
+
+def _grads(params, zero=(), none=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(params):
+        if i in none:
+            p.grad = None
+        elif i in zero:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad = torch.randn(p.shape, generator=g)
+
+
+def test_steady_steps_rebuild_nothing_and_freezes_rebuild_once():
+    params = _params(6)
+    opt = _wrap(params)
+    _grads(params)
+    opt.step()
+    layout = opt._layout()
+    for s in range(3):
+        _grads(params, seed=s)
+        opt.step()
+        assert opt._layout() is layout  # nothing changed: the same cached object
+    _grads(params, zero={1, 4})
+    opt.step()  # components 1 and 4 read 0 and freeze
+    rebuilt = opt._layout()
+    assert rebuilt is not layout
+    assert rebuilt.live_cids == [0, 2, 3, 5] and rebuilt.frozen == [params[1], params[4]]
+    # the masked inner step hides exactly the frozen params, and restores the group afterwards
+    assert rebuilt.unfrozen[0] == [params[0], params[2], params[3], params[5]]
+    assert opt.param_groups[0]["params"] == params
+
+
+def test_group_changes_rebuild_the_layout():
+    params = _params(3)
+    opt = _wrap(params)
+    layout = opt._layout()
+    extra = nn.Parameter(torch.zeros(2))
+    opt.optimizer.add_param_group({"params": [extra]})  # behind the wrapper's back
+    assert opt._layout() is not layout and opt._layout().cid == [[0, 1, 2], [-1]]
+    layout = opt._layout()
+    opt.optimizer.load_state_dict(opt.optimizer.state_dict())  # new group dicts
+    assert opt._layout() is not layout
+    layout = opt._layout()
+    group = opt.param_groups[0]
+    group["params"] = list(group["params"])  # accelerate's parameter swap: a new list
+    assert opt._layout() is not layout
+
+
+def test_steps_do_not_rewrite_group_keys_but_state_dict_is_current(monkeypatch):
+    params = _params(4)
+    opt = _wrap(params, check_interval=1)
+    calls = []
+    real = GradESOptimizer._write_groups
+    monkeypatch.setattr(GradESOptimizer, "_write_groups", lambda self: (calls.append(1), real(self)))
+    for s in range(3):
+        _grads(params, seed=s)
+        opt.step()
+    assert calls == []  # checks without a freeze leave the rule readings to state_dict()
+    sd = opt.state_dict()
+    assert calls == [1]
+    assert sd["param_groups"][0]["grades_state"] == [list(s) for s in opt._states]
+    assert sd["param_groups"][0]["grades_step"] == 3
+
+
+def test_a_freeze_is_in_the_inner_groups_at_once():
+    """specs_for() and re-wrapping read the freeze set from the inner groups without a state_dict()."""
+    params = _params(4)
+    opt = _wrap(params)
+    _grads(params, zero={2})
+    opt.step()
+    states = opt.param_groups[0]["grades_state"]
+    assert ComponentState(*states[2]).frozen_at == 1
+    assert all(ComponentState(*states[i]).frozen_at is None for i in (0, 1, 3))
+    rewrapped = _wrap(params, opt.optimizer)  # over the same inner groups: adopts the freeze set
+    assert [c.frozen for c in rewrapped.components] == [False, False, True, False]
+
+
+def test_frozen_components_leave_the_per_step_work(monkeypatch):
+    params = _params(5)
+    opt = _wrap(params, metric="grad_delta_l1")
+    for s in range(2):
+        _grads(params, zero={0, 1, 2, 3}, seed=s)
+        opt.step()  # a zero gradient twice: delta 0, components 0-3 freeze at the second check
+    assert [c.frozen for c in opt.components] == [True, True, True, True, False]
+    assert [c for c, _ in opt._layout().live] == [4]
+    assert all("grades_prev_grad" not in opt.state.get(p, {}) for p in params[:4])  # dropped at the freeze
+    seen = []
+    real = optimizer_mod.mag.component_magnitudes
+
+    def spy(tensors, owners, *a, **k):
+        seen.append(list(owners))
+        return real(tensors, owners, *a, **k)
+
+    monkeypatch.setattr(optimizer_mod.mag, "component_magnitudes", spy)
+    _grads(params, seed=5)
+    opt.step()
+    assert seen == [[4]]  # only the live component is measured
+    assert len(opt.last_check) == 1 and opt.last_check[0].component == "layers.4.q_proj"
+
+
+def test_history_is_bounded_by_default_and_the_timeline_stays_complete():
+    assert optimizer_mod.DEFAULT_HISTORY >= 100_000  # a few thousand checks of a 36-matrix model
+    params = _params(4)
+    bounded, full = _wrap(params, record_history=6), _wrap(copy.deepcopy(params), record_history=True)
+    assert _wrap(_params(2)).record_history == optimizer_mod.DEFAULT_HISTORY
+    for s in range(10):
+        for opt in (bounded, full):
+            ps = [p for p in (c for g in opt.param_groups for c in g["params"])]
+            _grads(ps, zero={1} if s == 7 else (), seed=s)
+            opt.step()
+    assert len(full.history) == 10 * 4 - 2  # component 1 froze at step 8: no records after
+    assert 6 <= len(bounded.history) <= 12 and bounded.history == full.history[-len(bounded.history):]
+    for mine, ref in zip(bounded.timeline(), full.timeline()):
+        want = [r for r in full.history if r.component == ref["name"]][-1]
+        assert mine == ref and mine["last"] == want
+    assert bounded.timeline()[1]["frozen_at_step"] == 8 and bounded.timeline()[1]["last"].step == 8
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["grad", "zero", "none", "small"]), min_size=4, max_size=4),
+                min_size=1, max_size=8),
+       st.integers(1, 2), st.integers(1, 2), st.sampled_from([0.0, 0.5]))
+def test_live_only_rule_matches_the_rule_applied_to_every_component(script, patience, interval, ema):
+    """The wrapper's freeze steps equal rule.decide run over all components by hand (the spec)."""
+    params = _params(4)
+    opt = _wrap(params, tau=0.5, patience=patience, check_interval=interval, ema=ema)
+    cfg = RuleConfig(tau=0.5, patience=patience, ema=ema)
+    states = [ComponentState() for _ in params]
+    for step, row in enumerate(script, start=1):
+        for p, kind in zip(params, row):
+            p.grad = None if kind == "none" else (
+                torch.zeros_like(p) if kind == "zero" else torch.full_like(p, 0.1 if kind == "small" else 2.0))
+        values = [None if kind == "none" else p.grad.abs().mean().item() for p, kind in zip(params, row)]
+        opt.step()  # (it drops the gradients of what it freezes: the readings are taken before)
+        if step % interval:
+            continue
+        for c, value in enumerate(values):
+            states[c] = decide(states[c], value, step, cfg)[0]
+    assert [c.frozen_at_step for c in opt.components] == [s.frozen_at for s in states]
+    assert opt.should_stop == all(s.frozen_at is not None for s in states)
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
