@@ -92,9 +92,13 @@ def build(n: int, metric: str, impl: str, frozen: str, **kw):
 
 
 def set_grads(opt, live, s: int) -> None:
-    # +1 / -1 in turn: every metric reads a non-zero value, so nothing live freezes while timed
+    # +1 / -1 in turn: every metric reads a non-zero value, so nothing live freezes while timed.
+    # Written into the same buffer: stable gradient addresses, as the caching allocator gives.
     for p, pair in zip(live, opt.bench_grads):
-        p.grad = pair[s % 2]
+        if p.grad is None:
+            p.grad = pair[s % 2].clone()
+        else:
+            p.grad.copy_(pair[s % 2])
 
 
 def time_steps(opt, steps: int) -> tuple[list, list]:

@@ -215,6 +215,7 @@ class FusedStep:
 
     def _adam(self, g: int, group: dict, params: list, check: bool):
         lists = self._lists.get(g)
+        checked = lists is not None  # these tensors passed the kernel's checks at an earlier step
         if lists is None:  # a new parameter set: states may be missing
             state = self.opt.state
             for p in params:
@@ -232,7 +233,7 @@ class FusedStep:
             params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps, active, lr=group["lr"], beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled=bool(group.get("decoupled_weight_decay", False)), maximize=bool(group["maximize"]),
-            ord=self.ord, metric=check, impl="triton")
+            ord=self.ord, metric=check, impl="triton", checked=checked)
 
     def _sgd(self, g: int, group: dict, params: list, check: bool):
         state, momentum = self.opt.state, group["momentum"]

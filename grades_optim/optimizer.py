@@ -401,8 +401,8 @@ class GradESOptimizer(torch.optim.Optimizer):
         return self._measure([p.grad for _, p in have], have, [self.state[p][_PREV_GRAD] for _, p in have])
 
     def _measure_update_snr(self, live):
-        need = mag.MOMENT_METRICS[self.metric]
-        have = [(c, p) for c, p in live if all(k in self.state.get(p, {}) for k in need)]
+        need, state = mag.MOMENT_METRICS[self.metric], self.state
+        have = [(c, p) for c, p in live if p in state and all(k in state[p] for k in need)]
         where, groups = self._layout().group_of, self.param_groups
         params = [p for _, p in have]
         sums = mag.update_snr_sums(params, [self.state[p] for p in params],

@@ -90,10 +90,12 @@ def tensor_delta_sums(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], ord:
 def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                      exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], active, *, lr: float,
                      beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
-                     maximize: bool = False, ord: int = 1, metric: bool = True, impl: str = "auto"):
+                     maximize: bool = False, ord: int = 1, metric: bool = True, impl: str = "auto",
+                     checked: bool = False):
     """Masked AdamW/Adam step of the active tensors, in place; Σ|grad| (or Σgrad², ``ord=2``) per tensor.
 
-    See ``fused_adamw.py`` for the math, the state layout and the flags.
+    See ``fused_adamw.py`` for the math, the state layout and the flags (``checked`` included:
+    the twin always checks, it is the reference).
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
                  maximize=maximize, ord=ord, metric=metric)
@@ -103,7 +105,8 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         return torch_fused_adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, active, **hyper)
     from . import fused_adamw  # lazy: imports triton
 
-    return fused_adamw.fused_adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, active, **hyper)
+    return fused_adamw.fused_adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, active, checked=checked,
+                                        **hyper)
 
 
 def fused_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list, active, *,

@@ -148,20 +148,30 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
                      exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
                      active: Union[Sequence[bool], torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
                      weight_decay: float, decoupled: bool = True, maximize: bool = False, ord: int = 1,
-                     metric: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Optional[torch.Tensor]:
+                     metric: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                     checked: bool = False) -> Optional[torch.Tensor]:
     """One AdamW (or Adam, ``decoupled=False``) step of the active tensors, in place; returns Σ|grad| per tensor.
 
     The result is fp32, ``[len(params)]``, on the params' device, 0 for inactive tensors (Σgrad²
     with ``ord=2``; ``None`` with ``metric=False``, which skips the per-tensor reduction launch).
     Params, grads and states must be contiguous (they are updated in place through raw addresses).
+    ``checked=True``: the caller already ran this call's checks on these very tensors (the
+    wrapper does, once per parameter set; gradients keep their parameter's dtype, device and
+    shape) and they are skipped; the per-parameter checks cost more host time than the launch.
     """
-    lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord)
+    if checked:
+        lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps)]
+    else:
+        lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord)
     chunk = _check_chunk(chunk_size)
     n = len(lists[0])
     if n == 0:
         return torch.zeros(0, dtype=torch.float32) if metric else None
-    device = _check_device("params", lists[0] + lists[1] + lists[2] + lists[3])
-    step_plan.check_contiguous(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4])
+    if checked:
+        device = lists[0][0].device
+    else:
+        device = _check_device("params", lists[0] + lists[1] + lists[2] + lists[3])
+        step_plan.check_contiguous(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4])
     device_flags = torch.is_tensor(active)
     host_active = [True] * n if device_flags else [bool(a) for a in active]
     step_size, bc2_sqrt = _coefficients(lists[4], host_active, lr, beta1, beta2)

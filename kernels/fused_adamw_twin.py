@@ -69,7 +69,7 @@ def _coefficients(steps, active, lr, beta1, beta2):
     live = [s for s, a in zip(steps, active) if a]
     if live:
         torch._foreach_add_(live, 1)
-    ks = [float(s) for s in steps]
+    ks = [s.item() for s in steps]
     memo = {}
     for k in ks:
         if k not in memo:

@@ -74,3 +74,19 @@ def test_study_decisions_quick(tmp_path):
     assert md.count("| rt | 1 |") == 2, md
     probe = json.loads((tmp_path / "decisions_probe_rt.json").read_text())
     assert len(probe["rows"]) == probe["total"] and probe["metric_names"][2] == "update_snr"
+
+
+def test_bench_host_overhead_quick(tmp_path):
+    """Issue 11's table: every metric, check and non-check steps, frozen shares, fused prep, state dicts."""
+    proc = _run_quick("bench_host_overhead.py", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import json
+
+    result = json.loads((tmp_path / "host_overhead_quick.json").read_text())
+    rows = result["rows"]
+    steps = {(r["metric"], r["impl"], r["frozen"], r["step"]) for r in rows if r["kind"] == "step"}
+    assert {(m, "torch", f, s) for m in ("grad_l1", "grad_l2", "grad_delta_l1", "weight_delta_l1", "update_snr")
+            for f in ("none", "half", "all_but_one") for s in ("check", "non_check")} <= steps
+    assert {r["kind"] for r in rows} == {"step", "fused_prep", "construct", "state_dict", "load_state_dict"}
+    assert all(r["us_per_step"] > 0 for r in rows) and result["history"]["bytes_per_record"] > 0
+    assert "| kind | metric | impl | frozen | step |" in (tmp_path / "host_overhead_quick.md").read_text()

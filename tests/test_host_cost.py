@@ -171,3 +171,38 @@ def test_live_only_rule_matches_the_rule_applied_to_every_component(script, pati
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_fused_path_checks_parameters_once_per_parameter_set(monkeypatch):
+    """On a steady step the fused path re-checks no parameter; a new gradient buffer or a freeze
+    makes it check again, and a gradient it cannot take still sends the step to the reference path."""
+    from grades_optim import fused_step
+
+    params = _params(4)
+    opt = _wrap(params, impl="triton")
+    calls = []
+    real = fused_step._param_reason
+    monkeypatch.setattr(fused_step, "_param_reason", lambda *a: (calls.append(1), real(*a))[1])
+
+    def stable_grads(seed):
+        g = torch.Generator().manual_seed(seed)
+        for p in params:
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.copy_(torch.randn(p.shape, generator=g))  # same buffers: same addresses
+
+    stable_grads(0)
+    opt.step()
+    assert opt.fast_path is not None and len(calls) == 4
+    for s in range(1, 3):
+        stable_grads(s)
+        opt.step()
+    assert len(calls) == 4  # nothing changed: no parameter re-checked
+    params[3].grad = torch.randn(2, 3).t()  # a new, non-contiguous gradient buffer
+    opt.step()
+    assert len(calls) > 4 and opt.fast_path is None and "non-contiguous" in opt.fast_path_reason
+    params[3].grad = params[3].grad.contiguous()
+    before = len(calls)
+    opt.step()
+    assert opt.fast_path is not None and len(calls) == before + 4
