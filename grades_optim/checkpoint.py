@@ -77,6 +77,9 @@ def save_checkpoint(directory, step: int, *, model: torch.nn.Module, optimizer: 
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},  # tuples of ints
         "history": [tuple(r) for r in getattr(optimizer, "history", [])],
+        # each component's latest reading: the timeline stays complete when history is bounded
+        "last": [None if t["last"] is None else tuple(t["last"]) for t in optimizer.timeline()]
+        if hasattr(optimizer, "timeline") else [],
         "extra": extra or {},
     }
     buf = io.BytesIO()
@@ -121,5 +124,8 @@ def load_checkpoint(directory, *, model: torch.nn.Module, optimizer: torch.optim
             from .optimizer import CheckRecord
 
             optimizer.history[:] = [CheckRecord(*r) for r in payload["history"]]
+            last = payload.get("last") or []  # absent from checkpoints written before it was kept
+            if len(last) == len(optimizer.components):
+                optimizer._last = [None if r is None else CheckRecord(*r) for r in last]
         return payload
     return None

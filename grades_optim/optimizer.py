@@ -71,10 +71,6 @@ class CheckRecord(NamedTuple):
     frozen: bool
 
 
-def _nan(x: Optional[float]) -> float:
-    return float("nan") if x is None else float(x)
-
-
 class GradESOptimizer(torch.optim.Optimizer):
     r"""Wraps an already-built optimizer and freezes each projection matrix once it has converged.
 
@@ -431,7 +427,7 @@ class GradESOptimizer(torch.optim.Optimizer):
             logger.warning("GradES step %d: non-finite gradient magnitude for %d component(s) (%s); "
                            "they are not frozen on this reading", self._step, len(bad), ", ".join(bad[:5]))
         newly, records = [], []
-        step, cfg, states, last = self._step, self._cfg, self._states, self._last
+        step, cfg, states, last, nan = self._step, self._cfg, self._states, self._last, float("nan")
         for c in live:
             comp, metric = self.components[c], values[c]
             state, value, threshold = decide(states[c], metric, step, cfg)
@@ -439,7 +435,8 @@ class GradESOptimizer(torch.optim.Optimizer):
             frozen = state.frozen_at is not None
             if frozen:
                 newly.append(c)
-            last[c] = record = CheckRecord(step, comp.name, comp.kind, _nan(metric), _nan(value), _nan(threshold),
+            last[c] = record = CheckRecord(step, comp.name, comp.kind, nan if metric is None else metric,
+                                           nan if value is None else value, nan if threshold is None else threshold,
                                            frozen)
             records.append(record)
         self.last_check = records

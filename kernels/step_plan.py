@@ -11,6 +11,7 @@ read it where the plan's own flags would be, and it is not part of the cache key
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from typing import NamedTuple, Optional, Sequence
 
@@ -75,8 +76,9 @@ def get_plan(lists: Sequence[Sequence[torch.Tensor]], active: Optional[Sequence[
     active = (1,) * n if active is None else tuple(int(a) for a in active)
     init = tuple(int(x) for x in init)
     # numel and dtype are in the key: a freed address reused by another tensor must not match.
-    key = (device, chunk, tuple((tuple(xs[i].data_ptr() for xs in lists), lists[0][i].numel(), lists[0][i].dtype)
-                                for i in range(n)), active, init)
+    # flat tuples built by map over C methods: this key is rebuilt every step, so it must be cheap
+    key = (device, chunk, len(lists), tuple(map(torch.Tensor.data_ptr, itertools.chain.from_iterable(lists))),
+           tuple(map(torch.Tensor.numel, lists[0])), tuple(p.dtype for p in lists[0]), active, init)
     plan = _plans.get(key)
     if plan is None:
         stats["builds"] += 1

@@ -206,3 +206,23 @@ def test_fused_path_checks_parameters_once_per_parameter_set(monkeypatch):
     before = len(calls)
     opt.step()
     assert opt.fast_path is not None and len(calls) == before + 4
+
+
+def test_checkpoints_carry_the_bounded_history_and_the_complete_timeline(tmp_path):
+    from grades_optim.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(2, 2, bias=False) for _ in range(3)])
+    params = [m.weight for m in model]
+    opt = _wrap(params, record_history=2)
+    for s in range(6):
+        _grads(params, zero={0} if s == 1 else (), seed=s)
+        opt.step()
+    assert opt.components[0].frozen_at_step == 2 and len(opt.history) <= 4
+    save_checkpoint(tmp_path, step=6, model=model, optimizer=opt)
+    model2 = copy.deepcopy(model)
+    fresh = _wrap([m.weight for m in model2], record_history=2)
+    load_checkpoint(tmp_path, model=model2, optimizer=fresh)
+    assert fresh.history == opt.history
+    assert fresh.timeline() == opt.timeline()
+    assert fresh.timeline()[0]["last"].step == 2  # the reading it froze on, long out of history
