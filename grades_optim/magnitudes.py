@@ -107,16 +107,11 @@ def component_magnitudes(tensors: Sequence[torch.Tensor], owners: Sequence[int],
     local = [dist_utils.local(t) for t in tensors]
     # shards add up; replicas average (alone, every weight is 1)
     weights = [1.0 if dist_utils.is_sharded(t) else share for t in tensors] if group is not None else None
+    by_device: dict[torch.device, list[int]] = {}  # CPU-offloaded or model-parallel tensors split
     for i, (t, c) in enumerate(zip(local, owners)):
         numel[c] += t.numel() * (1.0 if weights is None else weights[i])
         seen[c] = 1.0
-    # one device (the usual case) is one group; CPU-offloaded or model-parallel tensors split
-    devices = {t.device for t in local}
-    by_device: dict[torch.device, list[int]] = (
-        {d: list(range(len(local))) for d in devices} if len(devices) == 1 else {})
-    if len(devices) > 1:
-        for i, t in enumerate(local):
-            by_device.setdefault(t.device, []).append(i)
+        by_device.setdefault(t.device, []).append(i)
     totals = None
     for device, idx in by_device.items():
         if sums is None:

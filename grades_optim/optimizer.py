@@ -401,14 +401,14 @@ class GradESOptimizer(torch.optim.Optimizer):
         have = [(c, p) for c, p in live if p in state and all(k in state[p] for k in need)]
         where, groups = self._layout().group_of, self.param_groups
         params = [p for _, p in have]
-        sums = mag.update_snr_sums(params, [self.state[p] for p in params],
+        sums = mag.update_snr_sums(params, [state[p] for p in params],
                                    [tuple(groups[where[id(p)]]["betas"]) for p in params],
                                    [float(groups[where[id(p)]]["eps"]) for p in params])
         return self._measure(params, have, sums=sums)
 
     def _keep_prev_grads(self, live) -> None:
         # Only the gradient of the step right before a check is needed.
-        # Frozen components' copies went at their freeze (_release_state), so live ones suffice.
+        # Frozen components' copies went at their freeze (_freeze pops them), so live ones suffice.
         keep = (self._step + 1) % self.check_interval == 0
         has_grad = {id(p) for _, p in live}
         for _, p in self._layout().live:
