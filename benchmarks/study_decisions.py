@@ -46,9 +46,12 @@ from grades_optim.finetune.train import Batches, evaluate, planned_steps, train_
 RESULTS = ROOT / "benchmarks" / "results"
 logger = logging.getLogger("study")
 
-# Setups: the fine-tune job's quick size (768 train / 512 test reviews, batch 16, 2 epochs).
+# Setups: the fine-tune job's quick size (768 train / 512 test reviews, batch 16, 2 epochs), except
+# "rt-full": the main job's own default size (4,000 train / 1,275 test, batch 32, 250 steps), the
+# full-size confirmation of "rt".
 SETUPS = {
     "rt": dict(),
+    "rt-full": dict(size="full"),
     "rt-lora": dict(lora=True, lr=5e-4),
     "rt-constant": dict(schedule="constant"),
     "rt-cosine": dict(schedule="cosine"),
@@ -149,9 +152,10 @@ def _bbc_news_csv() -> str:
 def base_config(setup: str, seed: int, quick: bool) -> FinetuneConfig:
     over = dict(SETUPS[setup])
     over.pop("task", None)
+    size = QUICK if over.pop("size", "quick") == "quick" else {}
     if over.get("dataset") == "bbc":
         over["dataset"] = _bbc_news_csv()
-    cfg = dataclasses.replace(FinetuneConfig(), **{**QUICK, "probe_every": None, **over}, seed=seed,
+    cfg = dataclasses.replace(FinetuneConfig(), **{**size, "probe_every": None, **over}, seed=seed,
                               progress=False, checkpoint_every=0)
     if quick:  # CI: keeps the script from rotting, measures nothing
         cfg = dataclasses.replace(cfg, train_size=64, val_size=32, test_size=32, epochs=1.0, es_every=2)
