@@ -389,15 +389,27 @@ def _plot_probes() -> None:
             ax.set_title(f"{d.get('setup', '')} ({d['schedule']} LR): {name} per matrix")
             ax.set_xlabel("step")
             ax.axvline(int(0.3 * d["total"]), color="grey", ls=":", lw=1)
+            if name == defaults.GRADES["metric"]:
+                ax.axhline(defaults.GRADES["tau"], color="red", ls=":", lw=1, label="default τ")
             twin = ax.twinx()
-            twin.plot([s for s, *_ in d["test"]], [100 * a for _, a, *_ in d["test"]], "k.-", lw=1,
-                      label="test acc %")
-            twin.plot(steps, [100 * r["lr"] / max(x["lr"] for x in d["rows"]) for r in d["rows"]], "g--", lw=1,
-                      label="LR (% of peak)")
-            twin.set_ylim(0, 100)
+            if is_lm(d.get("setup", "rt")):  # held-out loss on its own axis; "accuracy" means nothing here
+                twin.plot([s for s, *_ in d["test"]], [lo for *_, lo in d["test"]], "k.-", lw=1,
+                          label="held-out loss")
+            else:
+                twin.plot([s for s, *_ in d["test"]], [100 * a for _, a, *_ in d["test"]], "k.-", lw=1,
+                          label="test acc %")
+                twin.set_ylim(0, 100)
+            peak = max(x["lr"] for x in d["rows"])
+            lr_axis = ax.twinx() if is_lm(d.get("setup", "rt")) else twin  # twin.twinx() would move twin's ticks left
+            lr_axis.plot(steps, [100 * r["lr"] / peak for r in d["rows"]], "g--", lw=1, label="LR (% of peak)")
+            if lr_axis is not twin:
+                lr_axis.set_ylim(0, 100)
+                lr_axis.set_yticks([])
             if col == 0:
                 ax.legend(loc="upper left", fontsize=8)
                 twin.legend(loc="upper right", fontsize=8)
+            elif name == defaults.GRADES["metric"]:
+                ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "decisions_probe.png", dpi=80)
     plt.close(fig)
