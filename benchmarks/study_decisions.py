@@ -28,6 +28,7 @@ import pathlib
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from grades_optim import defaults  # noqa: E402
 from grades_optim.components import discover_components  # noqa: E402
+from grades_optim.rule import ComponentState, RuleConfig, decide  # noqa: E402
 from grades_optim.finetune import FinetuneConfig  # noqa: E402
 from grades_optim.finetune.config import QUICK, SCHEDULES  # noqa: E402
 from grades_optim.finetune.data import Example  # noqa: E402
@@ -256,6 +258,9 @@ def grades_config(cfg: FinetuneConfig, variant: str) -> FinetuneConfig:
 # Alternatives compared with the defaults (the paper's / released code's metrics stay selectable).
 VARIANTS = {
     "released": dict(metric="weight_delta_l1", tau=0.3, tau_mode="relative", alpha=0.3, patience=3, ema=0.0),
+    # the defaults with a tighter tau: the open-loop replay of the probes (decisions.md, "Where τ
+    # sits") puts tau 0.2's freezes after the plain run settled on bbc and lm, and none on rt
+    "tau0.2": dict(tau=0.2),
 }
 
 
@@ -317,6 +322,17 @@ def _delta(xs: list, digits: int = 1) -> str:
     return f"{statistics.mean(xs):+.{digits}f} ± {statistics.stdev(xs) / math.sqrt(len(xs)):.{digits}f}"
 
 
+def _verdict(deltas: list, lower_is_better: bool = False) -> str:
+    """win / loss when the paired mean is beyond two standard errors of zero, else tie."""
+    if len(deltas) < 2:
+        return "–"
+    mean = statistics.fmean(deltas)
+    se = statistics.stdev(deltas) / math.sqrt(len(deltas))
+    if abs(mean) <= 2 * se:
+        return "tie"
+    return "win" if (mean < 0) == lower_is_better else "loss"
+
+
 def render() -> str:
     """decisions.md from decisions.json, and decisions_probe.png from the probes."""
     payload = json.loads((RESULTS / "decisions.json").read_text())
@@ -326,14 +342,19 @@ def render() -> str:
     lines = ["# Do GradES's freeze decisions carry information? (issue 10)", "",
              f"Context: {payload['context']}", "",
              f"GradES defaults: `{payload['defaults']}`; `released` = the released code's metric "
-             "(`weight_delta_l1`, relative τ 0.3, α 0.3, patience 3).", "",
+             "(`weight_delta_l1`, relative τ 0.3, α 0.3, patience 3); `tau0.2` = the defaults with τ 0.2.", "",
              "Accuracy in %, mean ± sd over seeds; Δ = paired difference (same seed, same split), "
              "mean ± standard error. `trunc` = `full` whose whole schedule ends at that GradES run's stop step. "
              "Score: test accuracy in % (higher is better), or for the causal-LM setup `lm` the held-out "
              "loss per token (lower is better, so a negative Δ is a gain there).", "",
+             "Freeze spread: first–last freeze step and distinct checks with a freeze, per seed; `burst` = the "
+             "largest share of the components that froze at one check (mean over seeds). `attn / mlp` = mean "
+             "freeze step of the attention and of the MLP matrices that froze (mean over seeds). Verdict "
+             "against truncation: `win` / `loss` when the paired Δ is beyond 2 standard errors, else `tie`.", "",
              "| setup | seeds | variant | score | steps | frozen | freeze steps (first–last, distinct checks) "
-             "| Δ vs full | Δ vs full@stop | Δ vs trunc | full | classic-es | wall s: GradES / full / classic-es |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| burst | attn / mlp | Δ vs full | Δ vs full@stop | Δ vs trunc | vs trunc | full | classic-es "
+             "| wall s: GradES / full / classic-es |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for setup, recs in by_setup.items():
         # classification: test accuracy in %; causal LM: held-out loss per token (lower is better)
         lm = SETUPS.get(setup, {}).get("task") == "lm"
@@ -348,23 +369,85 @@ def render() -> str:
             full = [score(r["full"]) for r in rs]
             at = [(1 if lm else 100) * r["full"]["at"][str(x["steps"])][col] for r, x in zip(rs, g)]
             trunc = [score(r[f"truncated@{x['steps']}"]) for r, x in zip(rs, g)]
-            spans = []
+            spans, bursts, kinds = [], [], {"attention": [], "mlp": []}
             for x in g:
                 f = sorted(c["frozen_at_step"] for c in x["components"] if c["frozen_at_step"] is not None)
                 spans.append(f"{f[0]}–{f[-1]} ({len(set(f))})" if f else "none")
+                bursts.append(100 * max((f.count(s) for s in set(f)), default=0) / len(x["components"]))
+                for kind, steps in kinds.items():
+                    mine = [c["frozen_at_step"] for c in x["components"]
+                            if c["kind"] == kind and c["frozen_at_step"] is not None]
+                    if mine:
+                        steps.append(statistics.fmean(mine))
+            order = " / ".join(f"{statistics.fmean(kinds[k]):.0f}" if kinds[k] else "–" for k in ("attention", "mlp"))
             digits = 3 if lm else 1
+            vs_trunc = [a - b for a, b in zip(acc, trunc)]
             lines.append(
                 f"| {setup} | {len(rs)} | {v} | {unit} {_mean_sd(acc, digits)} | {_mean_sd([x['steps'] for x in g])} "
                 f"| {_mean_sd([100 * (x['frozen_ratio'] or 0) for x in g])}% | {'; '.join(spans)} "
+                f"| {statistics.fmean(bursts):.0f}% | {order} "
                 f"| {_delta([a - b for a, b in zip(acc, full)], digits)} "
                 f"| {_delta([a - b for a, b in zip(acc, at)], digits)} "
-                f"| {_delta([a - b for a, b in zip(acc, trunc)], digits)} | {_mean_sd(full, digits)} "
+                f"| {_delta(vs_trunc, digits)} | {_verdict(vs_trunc, lower_is_better=lm)} | {_mean_sd(full, digits)} "
                 f"| {_mean_sd([score(r['classic-es']) for r in rs], digits)} "
                 f"| {_mean_sd([x['elapsed_s'] for x in g])} / {_mean_sd([r['full']['elapsed_s'] for r in rs])} "
                 f"/ {_mean_sd([r['classic-es']['elapsed_s'] for r in rs])} |")
     lines.append("")
+    lines += _tau_sensitivity()
     _plot_probes()
     return "\n".join(lines)
+
+
+SENSITIVITY_TAUS = (0.2, 0.25, 0.3, 0.35, 0.4)
+
+
+def _settled(d: dict) -> Optional[int]:
+    """First probe evaluation from which every later score stays within 1 pt (accuracy) or 0.02
+    (held-out loss) of the final one: when the plain run stopped improving."""
+    lm = is_lm(d.get("setup", "rt"))
+    scores = [(s, lo if lm else 100 * a) for s, a, lo in d["test"]]
+    tol = 0.02 if lm else 1.0
+    final = scores[-1][1]
+    for i, (step, _) in enumerate(scores):
+        if all(abs(x - final) <= tol for _, x in scores[i:]):
+            return step
+    return None
+
+
+def freezes_open_loop(d: dict, tau: float, metric: str = "update_snr") -> list:
+    """Each component's freeze step (or None) under the default rule at ``tau``, replayed on a probe's
+    readings with the library's own rule code. Open loop: in a real run a freeze changes the
+    other matrices' later readings, so this shows where the threshold sits, not a run's outcome."""
+    g = defaults.GRADES
+    col = d["metric_names"].index(metric)
+    cfg = RuleConfig(tau=tau, grace_steps=int(g["alpha"] * d["total"]), patience=g["patience"], ema=g["ema"],
+                     tau_mode="absolute")
+    states = {name: ComponentState() for name in d["kinds"]}
+    for row in d["rows"]:
+        for name, st in states.items():
+            states[name] = decide(st, row["metrics"][name][col], row["step"], cfg)[0]
+    return [st.frozen_at for st in states.values()]
+
+
+def _tau_sensitivity() -> list:
+    probes = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("decisions_probe_*.json"))]
+    if not probes:
+        return []
+    lines = ["## Where τ sits: the default rule replayed on each probe's `update_snr` readings", "",
+             "Open loop (the probe is a plain `full` run, seed 0; a real run's freezes feed back), with the "
+             "defaults' α, patience and EMA. Each cell: components frozen / tracked, first–last freeze step. "
+             "`settled` = the first evaluation after which the plain run's score stays within 1 pt "
+             "(0.02 loss for `lm`) of its final score.", "",
+             "| setup | steps | settled at | " + " | ".join(f"τ = {t}" for t in SENSITIVITY_TAUS) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in SENSITIVITY_TAUS) + " |"]
+    for d in probes:
+        cells = []
+        for tau in SENSITIVITY_TAUS:
+            f = sorted(x for x in freezes_open_loop(d, tau) if x is not None)
+            cells.append(f"{len(f)}/{len(d['kinds'])}" + (f", {f[0]}–{f[-1]}" if f else ""))
+        lines.append(f"| {d.get('setup', '')} | {d['total']} | {_settled(d)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def _plot_probes() -> None:
