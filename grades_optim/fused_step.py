@@ -19,7 +19,9 @@ freely between this path, the reference path and plain torch optimizers.
 Anything else falls back to the reference path (``GradESOptimizer``'s own code), logged once per
 reason and exposed as ``opt.fast_path`` (``None`` or a short description of the path taken) and
 ``opt.fast_path_reason``. Group options are re-checked every step (a scheduler may make ``lr`` a
-tensor, ``load_state_dict`` may bring ``amsgrad``): O(groups). The per-parameter checks (dtype,
+tensor, ``load_state_dict`` may bring ``amsgrad``): O(groups). They are an allow-list (``_ALLOWED``):
+a key the kernel neither implements nor knows to be inert turns the fused path off while it is set,
+so an option torch adds later is never silently ignored. The per-parameter checks (dtype,
 device, contiguity, state layout) and torch's lazy state init run only when the parameter set
 changes: the wrapper's cached layout (the groups and the freeze set) or the gradients' addresses,
 which the caching allocator hands back step after step. Autograd keeps a gradient's dtype, device
@@ -56,10 +58,19 @@ logger = logging.getLogger("grades_optim")
 _KINDS = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd"}
 # metric -> the kernels' ord (3: the stored weight change, computed in the update's own pass)
 _FUSED_METRICS = {"grad_l1": 1, "grad_l2": 2, "weight_delta_l1": 3}
-# Group options the kernels do not implement: any truthy value sends the step to the reference path.
-_UNSUPPORTED = {"adam": ("amsgrad", "capturable", "differentiable", "fused"), "sgd": ("differentiable",)}
+# Group keys, an allow-list: the options each kernel implements, and keys that never change an update
+# (how the inner step executes, which the kernel replaces; LR-scheduler and naming bookkeeping; the
+# wrapper's own). Any other key with a truthy value sends the step to the reference path, so an
+# option torch adds later is never silently ignored.
+_IMPLEMENTED = {"adam": ("lr", "betas", "eps", "weight_decay", "maximize", "decoupled_weight_decay"),
+                "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "fused")}
+_INERT = ("params", "foreach", "initial_lr", "base_lr", "max_lr", "min_lr", "start_lr", "end_lr", "base_momentum",
+          "max_momentum", "start_momentum", "end_momentum", "name", "param_names",
+          "grades_cid", "grades_numel", "grades_state", "grades_step", "grades_counters")
+_ALLOWED = {kind: frozenset(keys + _INERT) for kind, keys in _IMPLEMENTED.items()}
 _WHY = {"fused": "keeps `step` on the device (reading it would be a host sync); use fused=False, the GradES "
-                 "kernel fuses the tracked matrices itself"}
+                 "kernel fuses the tracked matrices itself",
+        "capturable": "keeps `step` on the device (reading it would be a host sync)"}
 _NUMBERS = {"adam": ("lr", "eps", "weight_decay"), "sgd": ("lr", "momentum", "dampening", "weight_decay")}
 
 
@@ -82,9 +93,11 @@ def static_reason(opt) -> Optional[str]:
 
 
 def _group_reason(kind: str, group: dict) -> Optional[str]:
-    for key in _UNSUPPORTED[kind]:
-        if group.get(key):
-            return f"{key}=True {_WHY.get(key, 'is not implemented by the fused kernel')}"
+    for key in sorted(group.keys() - _ALLOWED[kind]):  # a set difference: per step, O(extra keys)
+        value = group[key]
+        if value is not None and value is not False and not (isinstance(value, (int, float)) and value == 0):
+            return (f"{key}={value!r} {_WHY.get(key, 'is not an option the fused kernel implements')} "
+                    f"(param group keys it takes: {', '.join(_IMPLEMENTED[kind])})")
     names = _NUMBERS[kind] + (("betas",) if kind == "adam" else ())
     values = list(group.get("betas", ())) if kind == "adam" else []
     values += [group.get(k) for k in _NUMBERS[kind]]

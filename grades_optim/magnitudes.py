@@ -20,7 +20,7 @@ import torch
 
 from . import distributed as dist_utils
 
-__all__ = ["METRICS", "REDUCTIONS", "IMPLS", "tensor_sums", "component_magnitudes", "update_snr_sums"]
+__all__ = ["sum_by_owner", "METRICS", "REDUCTIONS", "IMPLS", "tensor_sums", "component_magnitudes", "update_snr_sums"]
 
 METRICS = ("grad_l1", "grad_l2", "grad_delta_l1", "weight_delta_l1", "update_snr")
 METRIC_ORD = {"grad_l1": 1, "grad_l2": 2, "grad_delta_l1": 1, "weight_delta_l1": 1, "update_snr": 1}
@@ -86,6 +86,29 @@ def update_snr_sums(params: Sequence[torch.Tensor], states: Sequence[dict], beta
     return torch.stack([x.to(device) for x in sums]) * scale.to(device)
 
 
+def sum_by_owner(part: torch.Tensor, owners: Sequence[int], n_components: int) -> torch.Tensor:
+    """``out[c] = Σ part[j]`` over ``owners[j] == c``, in fp32 and in tensor order, on every device.
+
+    Not ``index_add_``: on CUDA it adds with float atomics, so a component of three or more tensors
+    could read differently from run to run. Here column ``k`` holds each component's ``k``-th
+    tensor (a zero slot past its last one) and the columns are added one after the other: the same
+    order, and the same bits, as the CPU ``index_add_`` and the decide kernel's loop.
+    """
+    slots: list[list[int]] = [[] for _ in range(n_components)]
+    for j, c in enumerate(owners):
+        slots[c].append(j)
+    depth = max((len(s) for s in slots), default=0)
+    if depth == 0:
+        return torch.zeros(n_components, dtype=torch.float32, device=part.device)
+    pad = len(owners)  # the index of the zero slot appended to part
+    cols = torch.tensor([[s[k] if k < len(s) else pad for s in slots] for k in range(depth)], device=part.device)
+    padded = torch.cat([part.float(), part.new_zeros(1, dtype=torch.float32)])
+    out = padded[cols[0]]
+    for k in range(1, depth):
+        out = out + padded[cols[k]]
+    return out
+
+
 def component_magnitudes(tensors: Sequence[torch.Tensor], owners: Sequence[int], n_components: int,
                          ord: int, reduction: str, *, impl: str = "torch", group=None,
                          others: Optional[Sequence[torch.Tensor]] = None,
@@ -121,9 +144,7 @@ def component_magnitudes(tensors: Sequence[torch.Tensor], owners: Sequence[int],
             part = sums if len(idx) == len(tensors) else sums[torch.tensor(idx, device=sums.device)]
         if group is not None:
             part = part * torch.tensor([weights[i] for i in idx], device=part.device)
-        index = torch.tensor([owners[i] for i in idx], device=part.device)
-        per_comp = torch.zeros(n_components, dtype=torch.float32, device=part.device)
-        per_comp.index_add_(0, index, part)
+        per_comp = sum_by_owner(part, [owners[i] for i in idx], n_components)
         totals = per_comp if totals is None else totals + per_comp.to(totals.device)
     if totals is None:  # this rank measured nothing; it still joins the collective
         totals = torch.zeros(n_components, dtype=torch.float32,

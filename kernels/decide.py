@@ -2,7 +2,7 @@
 
 One launch, one program per ``BLOCK_C`` components, no host sync: each program adds its
 components' per-tensor sums in tensor order (fp32, no atomics, the order of the host path's
-``index_add_``), forms the metric in float64 (``/ numel`` for ``mean``, ``sqrt`` for ``ord=2``),
+``sum_by_owner``), forms the metric in float64 (``/ numel`` for ``mean``, ``sqrt`` for ``ord=2``),
 applies ``grades_optim.rule.decide`` (grace period, EMA, absolute or relative threshold,
 patience; frozen is final) to the ``DecideState`` tensors in place and writes the active flags,
 per component and optionally per tensor (the layout the fused step kernels read).

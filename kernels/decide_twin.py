@@ -7,7 +7,7 @@ without a host sync. ``DecideState`` round-trips exactly to and from ``rule.Comp
 and this twin to the rule.
 
 Metric per component ``c`` owning per-tensor sums ``sums[start_c : start_c + count_c]`` (Σ|g| or
-Σg², fp32, added in that order in fp32 like ``magnitudes.component_magnitudes``' ``index_add_``):
+Σg², fp32, added in that order in fp32 like ``magnitudes.sum_by_owner``):
 ``v = Σ`` then ``v / numel_c`` (``mean``) then ``sqrt(v)`` (``ord=2``), in float64. A component
 with no tensor (``count_c = 0``) or no elements has no reading (``None`` in the rule).
 """
@@ -91,7 +91,7 @@ def torch_decide(sums: torch.Tensor, comp_start: torch.Tensor, comp_count: torch
     c_n = comp_start.numel()
     max_count = int(comp_count.max()) if c_n else 0
     acc = torch.zeros(c_n, dtype=torch.float32, device=sums.device)
-    for j in range(max_count):  # fp32, tensor order: the order the host path's index_add_ uses
+    for j in range(max_count):  # fp32, tensor order: the order of the host path's sum_by_owner
         take = comp_count > j
         idx = torch.where(take, comp_start + j, torch.zeros_like(comp_start))
         acc = acc + torch.where(take, sums[idx] if sums.numel() else acc, torch.zeros_like(acc))

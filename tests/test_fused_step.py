@@ -168,6 +168,8 @@ def _fallback_case(case):
         "metric": lambda: torch.optim.AdamW(ps, lr=1e-2),
         "lr_tensor": lambda: torch.optim.AdamW(ps, lr=torch.tensor(1e-2)),
         "bf16": lambda: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+        # a group option the kernel does not know (as a future torch flag would be): never ignored
+        "unknown_key": lambda: torch.optim.AdamW([{"params": list(ps), "future_flag": True}], lr=1e-2),
     }[case]()
     if case == "metric":
         kw["metric"] = "grad_delta_l1"
@@ -179,7 +181,7 @@ def _fallback_case(case):
 @pytest.mark.parametrize("case, words", [("amsgrad", "amsgrad=True"), ("adam_fused", "fused=True"),
                                          ("foreign", "RMSprop has no fused kernel"),
                                          ("metric", "grad_delta_l1"), ("lr_tensor", "tensor"),
-                                         ("bf16", "bfloat16")])
+                                         ("bf16", "bfloat16"), ("unknown_key", "future_flag=True")])
 def test_unsupported_options_fall_back_logged_once(case, words, caplog):
     caplog.set_level(logging.INFO, logger="grades_optim")
     model, opt = _fallback_case(case)
@@ -194,6 +196,27 @@ def test_unsupported_options_fall_back_logged_once(case, words, caplog):
     logged = [r for r in caplog.records if "instead of the fused path" in r.getMessage()]
     assert len(logged) == 1 and words in logged[0].getMessage(), [r.getMessage() for r in logged]
     assert logged[0].levelno == logging.WARNING  # impl="triton" was asked for explicitly
+
+
+def test_group_keys_are_an_allow_list():
+    """Bookkeeping keys (a scheduler's initial_lr, a group name, foreach) keep the fused path; an unknown
+    key turns it off only while it is on."""
+    model = make_model()
+    inner = torch.optim.AdamW([{"params": list(model.parameters()), "name": "all", "foreach": True}], lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 1.0)  # adds initial_lr to the group
+    opt = GradESOptimizer(inner, model=model, impl="triton", **RULE)
+    assert "initial_lr" in opt.param_groups[0]
+    seen = []
+    for s, flag in enumerate([None, None, 1, 0, False, None]):
+        if flag is None:
+            opt.param_groups[0].pop("future_flag", None)
+        else:
+            opt.param_groups[0]["future_flag"] = flag
+        inject(model, s)
+        opt.step()
+        sched.step()
+        seen.append(opt.fast_path is not None)
+    assert seen == [True, True, False, True, True, True], (seen, opt.fast_path_reason)
 
 
 def test_auto_on_cpu_takes_the_reference_path(caplog):

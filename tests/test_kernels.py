@@ -557,3 +557,36 @@ def test_decide_kernel_and_twin_follow_the_rule(counts, tau, grace, patience, em
         torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
         assert torch.equal(flags_k, flags_t)
         assert dev_k.active.tolist() == [int(s.frozen_at is None) for s in states]
+
+
+@settings(max_examples=60, deadline=None)
+@given(owners=st.lists(st.integers(0, 4), max_size=12), n_extra=st.integers(0, 2), seed=st.integers(0, 2**31 - 1))
+def test_sum_by_owner_is_tensor_order_fp32_without_atomics(owners, n_extra, seed):
+    """Per-component sums: fp32 in tensor order (the bits of a sequential add, as the decide kernel
+    and CPU index_add_ give), zero for a component without tensors, and no index_add_ (float
+    atomics on CUDA: run-to-run differences)."""
+    from grades_optim import magnitudes
+
+    n = (max(owners) + 1 if owners else 0) + n_extra
+    part = torch.rand(len(owners), generator=torch.Generator().manual_seed(seed), dtype=torch.float32) * 1e3
+    want = []
+    for c in range(n):
+        acc = torch.zeros((), dtype=torch.float32)
+        for j, o in enumerate(owners):
+            if o == c:
+                acc = acc + part[j]
+        want.append(acc)
+    real = torch.Tensor.index_add_
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("index_add_ used for per-component sums")
+
+    torch.Tensor.index_add_ = tripwire
+    try:
+        got = magnitudes.sum_by_owner(part, owners, n)
+    finally:
+        torch.Tensor.index_add_ = real
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    assert torch.equal(got, torch.stack(want) if want else torch.zeros(0))
+    reference = torch.zeros(n, dtype=torch.float32).index_add_(0, torch.tensor(owners, dtype=torch.long), part)
+    assert torch.equal(got, reference)
