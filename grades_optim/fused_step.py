@@ -2,9 +2,11 @@
 
 When it applies. ``impl`` resolves to Triton for the tracked parameters (``"triton"``, or
 ``"auto"`` with CUDA tensors), the inner optimizer is exactly ``torch.optim.AdamW`` / ``Adam``
-(decoupled or L2 weight decay, per-group lr/betas/eps/weight_decay, ``maximize``) or
+(decoupled or L2 weight decay, per-group lr/betas/eps/weight_decay, ``maximize``; ``fused=True`` /
+``capturable=True``, whose ``step`` counters torch keeps on the device, advance them there) or
 ``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay, ``maximize``; ``fused=True`` is
-replaced by the kernel), and the metric is ``grad_l1`` or ``grad_l2``. Then each step:
+replaced by the kernel), and the metric is ``grad_l1``, ``grad_l2`` or ``weight_delta_l1``. Then
+each step:
 
 1. the live tracked parameters with a gradient are updated by ``kernels.fused_adamw`` /
    ``kernels.fused_sgd``, one launch per param group and dtype, and the metric's per-tensor sums
@@ -12,7 +14,8 @@ replaced by the kernel), and the metric is ``grad_l1`` or ``grad_l2``. Then each
 2. the inner optimizer's own ``step`` runs for the untracked parameters, the tracked ones hidden
    from its groups (as ``_masked_inner_step`` hides frozen ones).
 
-Optimizer state stays torch's — ``exp_avg``, ``exp_avg_sq``, ``step`` (a CPU scalar) or
+Optimizer state stays torch's — ``exp_avg``, ``exp_avg_sq``, ``step`` (a CPU scalar, or a device
+scalar for fused/capturable groups) or
 ``momentum_buffer`` — created lazily exactly as torch's ``_init_group`` would, so state dicts move
 freely between this path, the reference path and plain torch optimizers.
 
@@ -29,7 +32,8 @@ and shape equal to its parameter's, so an unchanged address set means unchanged 
 
 Host syncs. Between checks a fused step does none: launch tables are cached on addresses (a
 rebuild uploads through pinned memory), flags live in the cached table, Adam's bias corrections
-come from torch's CPU ``step`` counters and go up through pinned memory. The freeze rule stays
+come from torch's CPU ``step`` counters and go up through pinned memory (or, for fused/capturable
+groups, are formed on the device from its ``step`` counters). The freeze rule stays
 on the host (``grades_optim.rule``, the specification): a check brings the readings back once, as
 on the reference path, and frozen matrices simply leave the launch list. ``kernels.decide`` (the
 rule on the device, tested against ``rule``) is what a sync-free check would add; not wired: the
@@ -62,15 +66,14 @@ _FUSED_METRICS = {"grad_l1": 1, "grad_l2": 2, "weight_delta_l1": 3}
 # (how the inner step executes, which the kernel replaces; LR-scheduler and naming bookkeeping; the
 # wrapper's own). Any other key with a truthy value sends the step to the reference path, so an
 # option torch adds later is never silently ignored.
-_IMPLEMENTED = {"adam": ("lr", "betas", "eps", "weight_decay", "maximize", "decoupled_weight_decay"),
+_IMPLEMENTED = {"adam": ("lr", "betas", "eps", "weight_decay", "maximize", "decoupled_weight_decay", "fused",
+                         "capturable"),
                 "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "fused")}
 _INERT = ("params", "foreach", "initial_lr", "base_lr", "max_lr", "min_lr", "start_lr", "end_lr", "base_momentum",
           "max_momentum", "start_momentum", "end_momentum", "name", "param_names",
           "grades_cid", "grades_numel", "grades_state", "grades_step", "grades_counters")
 _ALLOWED = {kind: frozenset(keys + _INERT) for kind, keys in _IMPLEMENTED.items()}
-_WHY = {"fused": "keeps `step` on the device (reading it would be a host sync); use fused=False, the GradES "
-                 "kernel fuses the tracked matrices itself",
-        "capturable": "keeps `step` on the device (reading it would be a host sync)"}
+_WHY: dict = {}  # key -> why the kernel does not take it, where more can be said than "not implemented"
 _NUMBERS = {"adam": ("lr", "eps", "weight_decay"), "sgd": ("lr", "momentum", "dampening", "weight_decay")}
 
 
@@ -106,7 +109,13 @@ def _group_reason(kind: str, group: dict) -> Optional[str]:
     return None
 
 
-def _param_reason(kind: str, p: torch.Tensor, state: dict, device: torch.device) -> Optional[str]:
+def device_steps(group: dict) -> bool:
+    """Adam groups whose ``step`` counters torch keeps on the param's device (fused / capturable)."""
+    return bool(group.get("fused") or group.get("capturable"))
+
+
+def _param_reason(kind: str, p: torch.Tensor, state: dict, device: torch.device,
+                  on_device: bool = False) -> Optional[str]:
     g = p.grad
     if hasattr(p, "to_local"):
         return "DTensor (FSDP2) parameters"
@@ -122,8 +131,10 @@ def _param_reason(kind: str, p: torch.Tensor, state: dict, device: torch.device)
         if s is not None and (s.dtype != torch.float32 or not s.is_contiguous() or s.device != device):
             return f"optimizer state {key!r} that is not a contiguous fp32 tensor on the param's device"
     step = state.get("step")
-    if kind == "adam" and step is not None and step.device.type != "cpu":
-        return "a `step` tensor on the device (capturable/fused state): reading it would be a host sync"
+    if kind == "adam" and step is not None and (step.device != device if on_device else step.device.type != "cpu"):
+        # a state loaded across layouts: torch moves it at its own next step, the kernel does not
+        return (f"a `step` tensor on {step.device} in a group with "
+                f"{'fused/capturable' if on_device else 'CPU'} step counters")
     return None
 
 
@@ -172,8 +183,10 @@ class FusedStep:
         if hit:
             return None
         device = params[0].device if params else None
+        where = opt._layout().group_of
         for p in params:
-            reason = _param_reason(self.kind, p, opt.state.get(p, {}), device)
+            on_device = self.kind == "adam" and device_steps(opt.param_groups[where[id(p)]])
+            reason = _param_reason(self.kind, p, opt.state.get(p, {}), device, on_device)
             if reason:
                 return reason
         return None
@@ -229,12 +242,16 @@ class FusedStep:
     def _adam(self, g: int, group: dict, params: list, check: bool):
         lists = self._lists.get(g)
         checked = lists is not None  # these tensors passed the kernel's checks at an earlier step
+        on_device = device_steps(group)
         if lists is None:  # a new parameter set: states may be missing
             state = self.opt.state
             for p in params:
                 st = state[p]
-                if len(st) == 0:  # torch's lazy init for non-capturable, non-fused groups (Adam._init_group)
-                    st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                if len(st) == 0:  # torch's lazy init (Adam._init_group)
+                    # fused: float32 on the param's device; capturable: the default scalar dtype there
+                    st["step"] = (torch.zeros((), dtype=torch.float32 if group.get("fused") else _scalar_dtype(),
+                                              device=p.device) if on_device
+                                  else torch.tensor(0.0, dtype=_scalar_dtype()))
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             sts = [state[p] for p in params]
@@ -246,7 +263,7 @@ class FusedStep:
             params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps, active, lr=group["lr"], beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled=bool(group.get("decoupled_weight_decay", False)), maximize=bool(group["maximize"]),
-            ord=self.ord, metric=check, impl="triton", checked=checked)
+            ord=self.ord, metric=check, impl="triton", checked=checked, device_steps=on_device)
 
     def _sgd(self, g: int, group: dict, params: list, check: bool):
         state, momentum = self.opt.state, group["momentum"]

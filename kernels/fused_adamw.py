@@ -15,8 +15,10 @@ metric), ``Σ grad_t²`` (``ord=2``, for ``grad_l2``) or ``Σ|p_new − p_old|``
 fp32 partial per chunk, reduced per tensor in a fixed order by ``tensor_sums``'s finish kernel.
 Inactive (frozen) tensors: each of their programs writes a zero partial and returns; params,
 grads and moments are not touched. State is torch's: ``exp_avg``, ``exp_avg_sq`` (fp32 tensors)
-and ``step`` (a CPU float32 scalar tensor per param, incremented here only for active tensors),
-so state dicts move freely between this step, the torch twin and ``torch.optim.AdamW``.
+and ``step`` (a float32 scalar tensor per param, incremented here only for active tensors: on the
+CPU as torch keeps it by default, or with ``device_steps=True`` on the params' device as torch's
+``fused=True`` / ``capturable=True`` keep it), so state dicts move freely between this step, the
+torch twin and ``torch.optim.AdamW`` of the same layout.
 
 Params and grads: fp32, bf16 or fp16 (same dtype per pair); states fp32. bf16 params are stored
 with an explicit round-to-nearest-even: the interpreter truncates ``.to(tl.bfloat16)``, the GPU
@@ -28,11 +30,11 @@ bf16/fp16 params; per frozen element 0 (16 B of table read and 4 B written per f
 
 Flags and tables: ``active`` is a host sequence (baked into the cached launch table, see
 ``step_plan``) or a device int tensor (read by the kernel as is, e.g. written by ``decide``).
-Step counters stay torch's CPU scalars, so bias corrections are computed on the host and uploaded
-per call through pinned memory (no host sync); with device flags the host cannot know which
-tensors the device froze, so it advances every tensor's ``step`` and the caller sets a frozen
-tensor's counter back when it reads the flags. No amsgrad, capturable, differentiable, or CUDA
-step tensors: callers fall back to the torch path for those.
+CPU step counters give bias corrections computed on the host and uploaded per call through pinned
+memory (no host sync); device counters (``device_steps=True``) give them from a few device ops in
+float64 (the same values, no host read). With device flags the host cannot know which tensors the
+device froze, so it advances every tensor's ``step`` and the caller sets a frozen tensor's counter
+back when it reads the flags. No amsgrad or differentiable: callers fall back to the torch path.
 """
 from __future__ import annotations
 
@@ -43,8 +45,8 @@ import triton
 import triton.language as tl
 
 from . import step_plan
-from .fused_adamw_twin import _coefficients, _validate, torch_fused_adamw_step
-from .tensor_sums import (_MAX_BLOCK, _NUM_WARPS, DEFAULT_CHUNK_SIZE, _check_chunk, _check_device, _chunk_ptr,
+from .fused_adamw_twin import _coefficients, _validate, device_coefficients, torch_fused_adamw_step
+from .tensor_sums import (DEFAULT_CHUNK_SIZE, _check_chunk, _check_device, _chunk_ptr, launch_config,
                           _TL_DTYPES, to_device)
 
 __all__ = ["fused_adamw_step", "torch_fused_adamw_step"]
@@ -149,7 +151,7 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
                      active: Union[Sequence[bool], torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
                      weight_decay: float, decoupled: bool = True, maximize: bool = False, ord: int = 1,
                      metric: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                     checked: bool = False) -> Optional[torch.Tensor]:
+                     checked: bool = False, device_steps: bool = False) -> Optional[torch.Tensor]:
     """One AdamW (or Adam, ``decoupled=False``) step of the active tensors, in place; returns Σ|grad| per tensor.
 
     The result is fp32, ``[len(params)]``, on the params' device, 0 for inactive tensors (Σgrad²
@@ -158,11 +160,14 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
     ``checked=True``: the caller already ran this call's checks on these very tensors (the
     wrapper does, once per parameter set; gradients keep their parameter's dtype, device and
     shape) and they are skipped; the per-parameter checks cost more host time than the launch.
+    ``device_steps=True``: the ``step`` counters are 1-element tensors on the params' device (torch's
+    ``fused=True`` / ``capturable=True`` layout); they advance and the bias corrections are formed
+    on the device, with no host read (the same values as from CPU counters).
     """
     if checked:
         lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps)]
     else:
-        lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord)
+        lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord, device_steps)
     chunk = _check_chunk(chunk_size)
     n = len(lists[0])
     if n == 0:
@@ -174,12 +179,16 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         step_plan.check_contiguous(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4])
     device_flags = torch.is_tensor(active)
     host_active = [True] * n if device_flags else [bool(a) for a in active]
-    step_size, bc2_sqrt = _coefficients(lists[4], host_active, lr, beta1, beta2)
+    if device_steps:
+        ss, b2 = (t.float() for t in device_coefficients(lists[4], host_active, lr, beta1, beta2))
+    else:
+        step_size, bc2_sqrt = _coefficients(lists[4], host_active, lr, beta1, beta2)
+        ss, b2 = to_device(torch.tensor(step_size + bc2_sqrt, dtype=torch.float32), device).split([n, n])
     plan = step_plan.get_plan(lists[:4], None if device_flags else host_active, [0] * n, chunk, device)
-    ss, b2 = to_device(torch.tensor(step_size + bc2_sqrt, dtype=torch.float32), device).split([n, n])
     flags = active if device_flags else plan.active
+    block, warps = launch_config("fused_adamw", chunk)
     return step_plan.launch(plan, flags, metric, n, device, lambda g, partials: _fused_adamw_kernel[(g.n_blocks,)](
         *plan.addrs, plan.numel, plan.block_tensor, plan.block_chunk, flags, ss, b2, partials, g.block_base,
         1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, P_DTYPE=_TL_DTYPES[g.dtype],
-        DECOUPLED=decoupled, MAXIMIZE=maximize, ORD=ord, CHUNK=chunk, BLOCK=min(_MAX_BLOCK, chunk),
-        ALIGNED=g.aligned, num_warps=_NUM_WARPS))
+        DECOUPLED=decoupled, MAXIMIZE=maximize, ORD=ord, CHUNK=chunk, BLOCK=block,
+        ALIGNED=g.aligned, num_warps=warps))

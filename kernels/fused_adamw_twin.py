@@ -37,7 +37,7 @@ def host_flags(active) -> list[bool]:
     return [bool(a) for a in (active.tolist() if torch.is_tensor(active) else active)]
 
 
-def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord=1):
+def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord=1, device_steps=False):
     lists = [check_tensor_list(name, x) for name, x in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
                                                   ("exp_avg_sqs", exp_avg_sqs), ("steps", steps))]
     n = len(lists[0])
@@ -54,9 +54,15 @@ def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord=1):
         for name, s in (("exp_avgs", lists[2][i]), ("exp_avg_sqs", lists[3][i])):
             if s.dtype != torch.float32 or s.shape != p.shape:
                 raise ValueError(f"{name}[{i}] is {s.dtype} {tuple(s.shape)}; expected float32 {tuple(p.shape)}")
-        if lists[4][i].device.type != "cpu" or lists[4][i].numel() != 1:
-            raise ValueError(f"steps[{i}] must be a 1-element CPU tensor (torch's non-capturable layout); "
-                             f"got {tuple(lists[4][i].shape)} on {lists[4][i].device}")
+        st = lists[4][i]
+        if device_steps:
+            if st.device != p.device or st.numel() != 1 or not st.dtype.is_floating_point:
+                raise ValueError(f"steps[{i}] must be a 1-element float tensor on params[{i}]'s device {p.device} "
+                                 f"(device_steps=True: torch's fused/capturable layout); got {st.dtype} "
+                                 f"{tuple(st.shape)} on {st.device}")
+        elif st.device.type != "cpu" or st.numel() != 1:
+            raise ValueError(f"steps[{i}] must be a 1-element CPU tensor (torch's non-capturable layout; "
+                             f"device_steps=True takes them on the device); got {tuple(st.shape)} on {st.device}")
     return lists
 
 
@@ -78,18 +84,39 @@ def _coefficients(steps, active, lr, beta1, beta2):
     return [memo[k][0] for k in ks], [memo[k][1] for k in ks]
 
 
+def device_coefficients(steps, active, lr, beta1, beta2):
+    """``_coefficients`` with the step counters on the device (torch's fused/capturable layout): no host read.
+
+    The counters advance in place (``step += 1`` in their own dtype, as torch does); the bias
+    corrections are formed on the device in float64 from the counters' values, the same doubles
+    ``_coefficients`` forms on the host, and come back as two float64 tensors (0 and 1 where a
+    counter is still 0: a tensor that was never live).
+    """
+    live = [s for s, a in zip(steps, active) if a]
+    if live:
+        torch._foreach_add_(live, 1)
+    k = torch.stack([s.reshape(()) for s in steps]).double()
+    seen = k > 0
+    step_size = torch.where(seen, lr / (1 - torch.pow(beta1, k)), torch.zeros_like(k))
+    bc2_sqrt = torch.where(seen, torch.sqrt(1 - torch.pow(beta2, k)), torch.ones_like(k))
+    return step_size, bc2_sqrt
+
+
 def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                            exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
                            steps: Sequence[torch.Tensor], active: Union[Sequence[bool], torch.Tensor], *, lr: float,
                            beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
                            maximize: bool = False, ord: int = 1, metric: bool = True,
-                           chunk_size: Optional[int] = None) -> Optional[torch.Tensor]:
+                           chunk_size: Optional[int] = None, device_steps: bool = False) -> Optional[torch.Tensor]:
     """Torch twin of ``fused_adamw_step`` (same signature; ``chunk_size`` is ignored): fp32 math, RNE stores."""
-    lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord)
+    lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord, device_steps)
     flags = host_flags(active)
     # Device flags: the host advances every step counter, like the kernel's launcher (see its doc).
-    step_size, bc2_sqrt = _coefficients(lists[4], [True] * len(flags) if torch.is_tensor(active) else flags,
-                                        lr, beta1, beta2)
+    advance = [True] * len(flags) if torch.is_tensor(active) else flags
+    if device_steps:  # the twin may read the device (it is the reference); the same doubles either way
+        step_size, bc2_sqrt = (t.tolist() for t in device_coefficients(lists[4], advance, lr, beta1, beta2))
+    else:
+        step_size, bc2_sqrt = _coefficients(lists[4], advance, lr, beta1, beta2)
     out = []
     for i, (p, g, m, v) in enumerate(zip(*lists[:4])):
         if not flags[i]:

@@ -41,7 +41,7 @@ from . import step_plan
 from .fused_adamw import _metric_term, _to_param_dtype
 from .fused_adamw_twin import host_flags
 from .fused_sgd_twin import _validate, torch_fused_sgd_step
-from .tensor_sums import (_MAX_BLOCK, _NUM_WARPS, DEFAULT_CHUNK_SIZE, _check_chunk, _check_device, _chunk_ptr,
+from .tensor_sums import (DEFAULT_CHUNK_SIZE, _check_chunk, _check_device, _chunk_ptr, launch_config,
                           _TL_DTYPES)
 
 __all__ = ["fused_sgd_step", "torch_fused_sgd_step"]
@@ -150,8 +150,9 @@ def fused_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
     bufs = [p if b is None else b for p, b in zip(params, bufs)]
     plan = step_plan.get_plan([params, grads, bufs], None if device_flags else flags, init, chunk, device)
     table_flags = active if device_flags else plan.active
+    block, warps = launch_config("fused_sgd", chunk)
     return step_plan.launch(plan, table_flags, metric, n, device, lambda g, partials: _fused_sgd_kernel[(g.n_blocks,)](
         *plan.addrs, plan.numel, plan.block_tensor, plan.block_chunk, table_flags, plan.init, partials, g.block_base,
         lr, momentum, 1 - dampening, weight_decay, P_DTYPE=_TL_DTYPES[g.dtype], MOMENTUM=momentum != 0,
-        NESTEROV=nesterov, MAXIMIZE=maximize, ORD=ord, CHUNK=chunk, BLOCK=min(_MAX_BLOCK, chunk), ALIGNED=g.aligned,
-        num_warps=_NUM_WARPS))
+        NESTEROV=nesterov, MAXIMIZE=maximize, ORD=ord, CHUNK=chunk, BLOCK=block, ALIGNED=g.aligned,
+        num_warps=warps))

@@ -50,8 +50,17 @@ __all__ = ["tensor_sums", "tensor_delta_sums", "INTERPRETED", "DEFAULT_CHUNK_SIZ
 # 132 SMs for the 0.6B set (440M elements) so the last partial wave costs little, while the
 # 16 B table read and 4 B partial per chunk stay < 0.1 % of the 64 KB of bf16 data each reads.
 DEFAULT_CHUNK_SIZE = 32768
-_MAX_BLOCK = 4096  # elements per tile: 8 KB of bf16 in flight per program with 8 warps
-_NUM_WARPS = 8
+# Launch configuration per kernel: (elements per tile, a power of two, at most the chunk; warps).
+# 4096 x 8 warps: 8 KB of bf16 in flight per program. One entry per kernel so each can be tuned on
+# its own (register pressure differs: the AdamW pass holds four streams); tests lower the tile size
+# so that CPU chunks have several tiles per program and the tile loop is exercised.
+LAUNCH = {"tensor_sums": (4096, 8), "fused_adamw": (4096, 8), "fused_sgd": (4096, 8)}
+
+
+def launch_config(kernel: str, chunk: int) -> tuple:
+    """``(BLOCK, num_warps)`` for ``kernel`` on ``chunk``-element chunks."""
+    block, warps = LAUNCH[kernel]
+    return min(block, chunk), warps
 _FINISH_BLOCK = 128  # partials added per iteration in stage 2 (fixes the summation order)
 _CACHE_SIZE = 16
 
@@ -256,7 +265,7 @@ def _launch(a: list[torch.Tensor], b: Optional[list[torch.Tensor]], ord: int, ch
     if plan.n_blocks == 0:  # only empty tensors: every sum is 0, nothing to launch
         return out.zero_()
     partials = torch.empty(plan.n_blocks, dtype=torch.float32, device=device)
-    block = min(_MAX_BLOCK, chunk)
+    block, warps = launch_config("tensor_sums", chunk)
     for g in plan.groups:
         if g.n_blocks == 0:
             continue
@@ -264,7 +273,7 @@ def _launch(a: list[torch.Tensor], b: Optional[list[torch.Tensor]], ord: int, ch
         _tensor_sums_kernel[(g.n_blocks,)](
             plan.a_addr, plan.b_addr, plan.numel, plan.block_tensor, plan.block_chunk, partials,
             g.block_base, A_DTYPE=a_dt, B_DTYPE=a_dt if g.b_dtype is None else _TL_DTYPES[g.b_dtype],
-            HAS_B=b is not None, ORD=ord, CHUNK=chunk, BLOCK=block, ALIGNED=g.aligned, num_warps=_NUM_WARPS)
+            HAS_B=b is not None, ORD=ord, CHUNK=chunk, BLOCK=block, ALIGNED=g.aligned, num_warps=warps)
     _tensor_sums_finish_kernel[(n,)](partials, plan.block_start, plan.block_count, out, RBLOCK=_FINISH_BLOCK)
     return out
 

@@ -54,6 +54,15 @@ def _require_triton():
         pytest.fail("grades_optim.kernels.tensor_sums was imported before this module set TRITON_INTERPRET=1")
 
 
+@pytest.fixture
+def several_tiles(monkeypatch):
+    """16-element tiles: a 64-element chunk is four tiles of one program (CI's chunks are <= 256,
+    which the default 4096-element tile would cover in one), so the tile loop's offsets are tested."""
+    for kernel, (_, warps) in list(K.LAUNCH.items()):
+        monkeypatch.setitem(K.LAUNCH, kernel, (16, warps))
+    assert K.launch_config("fused_adamw", 64) == (16, K.LAUNCH["fused_adamw"][1])
+
+
 def _ref_sums(tensors, ord):
     out = [t.double().abs().sum() if ord == 1 else t.double().square().sum() for t in tensors]
     return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
@@ -117,6 +126,7 @@ def test_tensor_delta_sums_match_float64(specs, ord, chunk, seed):
     _close(dispatch.torch_tensor_delta_sums(a, b, ord), _ref_delta_sums(a, b, ord))
 
 
+@pytest.mark.usefixtures("several_tiles")
 def test_many_tensors_and_multi_chunk_tensors():
     gen = torch.Generator().manual_seed(0)
     tensors = [_make(n, DTYPES[n % 3], "contiguous", 1.0, gen) for n in range(0, 300, 3)]  # 100 tensors
@@ -245,10 +255,11 @@ attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
 for a_dt, b_dt, has_b, ord in [(tl.bfloat16, tl.bfloat16, False, 1), (tl.float32, tl.bfloat16, True, 2),
                                (tl.float16, tl.float16, False, 2)]:
     for aligned in (True, False):
+        block, warps = K.launch_config("tensor_sums", K.DEFAULT_CHUNK_SIZE)
         const = dict(A_DTYPE=a_dt, B_DTYPE=b_dt, HAS_B=has_b, ORD=ord, CHUNK=K.DEFAULT_CHUNK_SIZE,
-                     BLOCK=K._MAX_BLOCK, ALIGNED=aligned)
+                     BLOCK=block, ALIGNED=aligned)
         ptx = compile(ASTSource(K._tensor_sums_kernel, sig, const, attrs=attrs), target=target,
-                      options={"num_warps": K._NUM_WARPS}).asm["ptx"]
+                      options={"num_warps": warps}).asm["ptx"]
         # 16-byte loads on the unmasked tiles are what lets one launch reach copy bandwidth.
         assert ("ld.global.v4.b32" in ptx) == aligned, (a_dt, b_dt, aligned, set(re.findall(r"ld\\.global\\S*", ptx)))
 sig = {"partials_ptr": "*fp32", "block_start_ptr": "*i64", "block_count_ptr": "*i64", "out_ptr": "*fp32",
@@ -263,10 +274,11 @@ sig.update(dict.fromkeys(["P_DTYPE", "DECOUPLED", "MAXIMIZE", "ORD", "CHUNK", "B
 attrs = {(i,): [["tt.divisibility", 16]] for i in range(11)}
 for p_dt, ord in ((tl.float32, 1), (tl.bfloat16, 1), (tl.float32, 3), (tl.bfloat16, 3)):
     for aligned in (True, False):
-        const = dict(P_DTYPE=p_dt, DECOUPLED=True, MAXIMIZE=False, ORD=ord, CHUNK=K.DEFAULT_CHUNK_SIZE, BLOCK=K._MAX_BLOCK,
+        block, warps = K.launch_config("fused_adamw", K.DEFAULT_CHUNK_SIZE)
+        const = dict(P_DTYPE=p_dt, DECOUPLED=True, MAXIMIZE=False, ORD=ord, CHUNK=K.DEFAULT_CHUNK_SIZE, BLOCK=block,
                      ALIGNED=aligned)
         ptx = compile(ASTSource(F._fused_adamw_kernel, sig, const, attrs=attrs), target=target,
-                      options={"num_warps": K._NUM_WARPS}).asm["ptx"]
+                      options={"num_warps": warps}).asm["ptx"]
         assert ("st.global.v4.b32" in ptx) == aligned, (p_dt, aligned)
         assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx  # IEEE, like torch; not sqrt.approx
 from grades_optim.kernels import fused_sgd as S
@@ -277,10 +289,11 @@ sig.update(dict.fromkeys(["lr", "momentum", "one_minus_dampening", "weight_decay
 sig.update(dict.fromkeys(["P_DTYPE", "MOMENTUM", "NESTEROV", "MAXIMIZE", "ORD", "CHUNK", "BLOCK", "ALIGNED"], "constexpr"))
 attrs = {(i,): [["tt.divisibility", 16]] for i in range(9)}
 for aligned, ord in ((True, 2), (False, 2), (True, 3)):
+    block, warps = K.launch_config("fused_sgd", K.DEFAULT_CHUNK_SIZE)
     const = dict(P_DTYPE=tl.float32, MOMENTUM=True, NESTEROV=False, MAXIMIZE=False, ORD=ord, CHUNK=K.DEFAULT_CHUNK_SIZE,
-                 BLOCK=K._MAX_BLOCK, ALIGNED=aligned)
+                 BLOCK=block, ALIGNED=aligned)
     ptx = compile(ASTSource(S._fused_sgd_kernel, sig, const, attrs=attrs), target=target,
-                  options={"num_warps": K._NUM_WARPS}).asm["ptx"]
+                  options={"num_warps": warps}).asm["ptx"]
     assert ("st.global.v4.b32" in ptx) == aligned, aligned
 from grades_optim.kernels import decide as D
 sig = {"sums_ptr": "*fp32", "start_ptr": "*i64", "count_ptr": "*i64", "numel_ptr": "*fp64", "frozen_at_ptr": "*i64",
@@ -327,6 +340,7 @@ def _freeze_schedule(gen, shapes, ref, steps=20):
 
 @pytest.mark.parametrize("opt_cls, decoupled, maximize", [
     (torch.optim.AdamW, True, False), (torch.optim.AdamW, True, True), (torch.optim.Adam, False, False)])
+@pytest.mark.usefixtures("several_tiles")
 def test_fused_adamw_matches_torch_optim_20_steps(opt_cls, decoupled, maximize):
     gen = torch.Generator().manual_seed(3)
     shapes = [(37,), (16, 9), (1,), (0,), (300,), (5, 5)]
@@ -426,6 +440,7 @@ def test_torch_paths_never_import_triton():
 
 @pytest.mark.parametrize("momentum, dampening, nesterov, weight_decay, maximize", [
     (0.9, 0.0, False, 0.01, False), (0.9, 0.0, True, 0.0, True), (0.8, 0.3, False, 0.1, False), (0.0, 0.0, False, 0.1, False)])
+@pytest.mark.usefixtures("several_tiles")
 def test_fused_sgd_matches_torch_optim_20_steps(momentum, dampening, nesterov, weight_decay, maximize):
     from grades_optim.kernels import fused_sgd as S
 
@@ -457,6 +472,7 @@ def test_fused_sgd_matches_torch_optim_20_steps(momentum, dampening, nesterov, w
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("several_tiles")
 def test_fused_steps_weight_delta_metric_matches_float64(kind, dtype):
     """``ord=3``: Σ|p_new − p_old| of the values as stored (weight_delta_l1 without a weight copy),
     against float64 on snapshots, for the kernel and its twin; frozen tensors read 0 and stay put."""
@@ -590,3 +606,63 @@ def test_sum_by_owner_is_tensor_order_fp32_without_atomics(owners, n_extra, seed
     assert torch.equal(got, torch.stack(want) if want else torch.zeros(0))
     reference = torch.zeros(n, dtype=torch.float32).index_add_(0, torch.tensor(owners, dtype=torch.long), part)
     assert torch.equal(got, reference)
+
+
+class _HostReadTripwire:
+    """Host reads of tensors (``.item()``, ``.tolist()``, ``float()``, ``int()``, ``bool()``, ``.cpu()``,
+    ``.numpy()``) raise inside the block: on a GPU each would be a device-to-host sync."""
+
+    NAMES = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+        def trip(name):
+            def raiser(*args, **kwargs):
+                raise AssertionError(f"host read of a tensor: Tensor.{name}")
+            return raiser
+
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, trip(n))
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+        return False
+
+
+@pytest.mark.usefixtures("several_tiles")
+def test_fused_adamw_device_steps_equal_cpu_steps_without_host_reads():
+    """device_steps=True (torch's fused/capturable layout): the counters advance in place and the step
+    is bit-identical to the one from CPU counters, with no host read of any tensor once the launch
+    table exists (a table build uploads once, as on the CPU-counter path)."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(37,), (16, 9), (1,), (300,)]
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(6)]
+    active = [True, False, True, True]
+    runs = []
+    for device_steps in (False, True):
+        params = [p.clone() for p in start]
+        m, v = [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes]
+        steps = [torch.tensor(0.0) for _ in shapes]
+        sums, g = [], [torch.empty(s) for s in shapes]  # stable addresses, as the caching allocator gives
+        for k, values in enumerate(grads):
+            for buf, x in zip(g, values):
+                buf.copy_(x)
+            call = dict(chunk_size=64, device_steps=device_steps, checked=k > 0, **hp)
+            if device_steps and k > 0:
+                with _HostReadTripwire():
+                    sums.append(F.fused_adamw_step(params, g, m, v, steps, active, **call))
+            else:
+                sums.append(F.fused_adamw_step(params, g, m, v, steps, active, **call))
+        runs.append((params, m, v, steps, sums))
+    for host, dev in zip(*runs):
+        assert all(torch.equal(a, b) for a, b in zip(host, dev))
+    steps = runs[1][3]
+    assert [float(s) for s in steps] == [6.0, 0.0, 6.0, 6.0] and all(s.dtype == torch.float32 for s in steps)
+    with pytest.raises(ValueError, match="device_steps"):  # CPU counters are refused with a CUDA-less hint
+        F.fused_adamw_step(runs[0][0], grads[0], runs[0][1], runs[0][2], [torch.zeros(2) for _ in shapes], active,
+                           chunk_size=64, device_steps=True, **hp)
