@@ -60,6 +60,7 @@ __all__ = ["FusedStep", "attach", "static_reason"]
 logger = logging.getLogger("grades_optim")
 
 _KINDS = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd"}
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # metric -> the kernels' ord (3: the stored weight change, computed in the update's own pass)
 _FUSED_METRICS = {"grad_l1": 1, "grad_l2": 2, "weight_delta_l1": 3}
 # Group keys, an allow-list: the options each kernel implements, and keys that never change an update
@@ -119,17 +120,20 @@ def _param_reason(kind: str, p: torch.Tensor, state: dict, device: torch.device,
     g = p.grad
     if hasattr(p, "to_local"):
         return "DTensor (FSDP2) parameters"
-    if p.dtype != torch.float32 or g.dtype != torch.float32:
-        # torch keeps Adam moments / momentum in the param dtype; the kernel wants fp32 states.
-        return f"{p.dtype} parameters or gradients (the fused path takes fp32)"
+    if p.dtype not in _PARAM_DTYPES or g.dtype != p.dtype:
+        return f"{p.dtype} parameters with {g.dtype} gradients (the fused path takes fp32, bf16 or fp16, one dtype)"
     if p.device != device or g.device != device:
         return "tracked parameters on more than one device"
     if not (p.is_contiguous() and g.is_contiguous()):
         return "non-contiguous parameters or gradients"
     for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
         s = state.get(key)
-        if s is not None and (s.dtype != torch.float32 or not s.is_contiguous() or s.device != device):
-            return f"optimizer state {key!r} that is not a contiguous fp32 tensor on the param's device"
+        # moments in fp32 or (torch's own layout for bf16/fp16 params) in the param dtype; momentum
+        # buffers in the param dtype, as torch keeps them
+        dtypes = (p.dtype,) if key == "momentum_buffer" else (torch.float32, p.dtype)
+        if s is not None and (s.dtype not in dtypes or not s.is_contiguous() or s.device != device):
+            return (f"optimizer state {key!r} that is not a contiguous {' or '.join(map(str, dtypes))} tensor "
+                    "on the param's device")
     step = state.get("step")
     if kind == "adam" and step is not None and (step.device != device if on_device else step.device.type != "cpu"):
         # a state loaded across layouts: torch moves it at its own next step, the kernel does not
@@ -184,11 +188,20 @@ class FusedStep:
             return None
         device = params[0].device if params else None
         where = opt._layout().group_of
+        layouts: dict[int, set] = {}  # Adam groups: where the moments of bf16/fp16 params live
         for p in params:
-            on_device = self.kind == "adam" and device_steps(opt.param_groups[where[id(p)]])
-            reason = _param_reason(self.kind, p, opt.state.get(p, {}), device, on_device)
+            g = where[id(p)]
+            on_device = self.kind == "adam" and device_steps(opt.param_groups[g])
+            st = opt.state.get(p, {})
+            reason = _param_reason(self.kind, p, st, device, on_device)
             if reason:
                 return reason
+            if self.kind == "adam" and p.dtype != torch.float32:
+                # an empty state gets torch's layout (moments in the param dtype) at its lazy init
+                m = st.get("exp_avg")
+                layouts.setdefault(g, set()).add(m is None or m.dtype == p.dtype)
+        if any(len(s) > 1 for s in layouts.values()):
+            return "bf16/fp16 params whose Adam moments are partly fp32, partly in the param dtype, in one group"
         return None
 
     def __call__(self, check: bool):
@@ -255,15 +268,20 @@ class FusedStep:
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             sts = [state[p] for p in params]
+            # one layout per group (checked in _reason): moments in the param dtype if any low-precision
+            # param keeps them so (fp32 params have fp32 moments either way)
+            in_param_dtype = any(p.dtype != torch.float32 and s["exp_avg"].dtype == p.dtype
+                                 for p, s in zip(params, sts))
             lists = self._lists[g] = ([s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
-                                      [s["step"] for s in sts], [True] * len(params))
-        exp_avgs, exp_avg_sqs, steps, active = lists
+                                      [s["step"] for s in sts], [True] * len(params), in_param_dtype)
+        exp_avgs, exp_avg_sqs, steps, active, in_param_dtype = lists
         beta1, beta2 = group["betas"]
         return dispatch.fused_adamw_step(
             params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps, active, lr=group["lr"], beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled=bool(group.get("decoupled_weight_decay", False)), maximize=bool(group["maximize"]),
-            ord=self.ord, metric=check, impl="triton", checked=checked, device_steps=on_device)
+            ord=self.ord, metric=check, impl="triton", checked=checked, device_steps=on_device,
+            states_in_param_dtype=in_param_dtype)
 
     def _sgd(self, g: int, group: dict, params: list, check: bool):
         state, momentum = self.opt.state, group["momentum"]

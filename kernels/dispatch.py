@@ -91,14 +91,15 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
                      exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], active, *, lr: float,
                      beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
                      maximize: bool = False, ord: int = 1, metric: bool = True, impl: str = "auto",
-                     checked: bool = False, device_steps: bool = False):
+                     checked: bool = False, device_steps: bool = False, states_in_param_dtype: bool = False):
     """Masked AdamW/Adam step of the active tensors, in place; Σ|grad| (or Σgrad², ``ord=2``) per tensor.
 
     See ``fused_adamw.py`` for the math, the state layout and the flags (``checked`` included:
     the twin always checks, it is the reference).
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-                 maximize=maximize, ord=ord, metric=metric, device_steps=device_steps)
+                 maximize=maximize, ord=ord, metric=metric, device_steps=device_steps,
+                 states_in_param_dtype=states_in_param_dtype)
     if resolve_impl(impl, list(params)) == "torch":
         from .fused_adamw_twin import torch_fused_adamw_step
 

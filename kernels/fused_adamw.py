@@ -97,9 +97,9 @@ def _to_param_dtype(x, P_DTYPE: tl.constexpr):
 @triton.jit
 def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_ptr, block_tensor_ptr, block_chunk_ptr,
                         active_ptr, step_size_ptr, bc2_sqrt_ptr, partials_ptr, block_base, decay, one_minus_beta1,
-                        beta2, one_minus_beta2, eps, weight_decay, P_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
-                        MAXIMIZE: tl.constexpr, ORD: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                        ALIGNED: tl.constexpr):
+                        beta2, one_minus_beta2, eps, weight_decay, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                        DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, ORD: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     blk = block_base + tl.program_id(0).to(tl.int64)
     t = tl.load(block_tensor_ptr + blk)
     if tl.load(active_ptr + t) == 0:
@@ -109,8 +109,9 @@ def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_pt
     n = tl.minimum(tl.load(numel_ptr + t) - start, CHUNK)
     p_ptr = _chunk_ptr(p_addr_ptr, t, start, P_DTYPE, ALIGNED)
     g_ptr = _chunk_ptr(g_addr_ptr, t, start, P_DTYPE, ALIGNED)
-    m_ptr = _chunk_ptr(m_addr_ptr, t, start, tl.float32, ALIGNED)
-    v_ptr = _chunk_ptr(v_addr_ptr, t, start, tl.float32, ALIGNED)
+    # moments: fp32, or the param dtype (torch's layout for bf16/fp16 params), math in fp32 either way
+    m_ptr = _chunk_ptr(m_addr_ptr, t, start, S_DTYPE, ALIGNED)
+    v_ptr = _chunk_ptr(v_addr_ptr, t, start, S_DTYPE, ALIGNED)
     step_size = tl.load(step_size_ptr + t)
     bc2_sqrt = tl.load(bc2_sqrt_ptr + t)
     offs = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK), BLOCK), BLOCK)
@@ -120,14 +121,14 @@ def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_pt
         o = i * BLOCK + offs
         g = tl.load(g_ptr + o).to(tl.float32)
         p_old = tl.load(p_ptr + o).to(tl.float32)
-        p, m, v = _adamw_math(p_old, g, tl.load(m_ptr + o), tl.load(v_ptr + o), decay,
+        p, m, v = _adamw_math(p_old, g, tl.load(m_ptr + o).to(tl.float32), tl.load(v_ptr + o).to(tl.float32), decay,
                               one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt,
                               DECOUPLED, MAXIMIZE)
         p_new = _to_param_dtype(p, P_DTYPE)
         acc += _metric_term(g, p_old, p_new, ORD)
         tl.store(p_ptr + o, p_new)
-        tl.store(m_ptr + o, m)
-        tl.store(v_ptr + o, v)
+        tl.store(m_ptr + o, _to_param_dtype(m, S_DTYPE))
+        tl.store(v_ptr + o, _to_param_dtype(v, S_DTYPE))
     tail = n_full * BLOCK
     if tail < n:
         o = tail + offs
@@ -135,14 +136,15 @@ def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_pt
         g = tl.load(g_ptr + o, mask=mask, other=0.0).to(tl.float32)
         p_old = tl.load(p_ptr + o, mask=mask, other=0.0).to(tl.float32)
         p, m, v = _adamw_math(p_old, g,
-                              tl.load(m_ptr + o, mask=mask, other=0.0), tl.load(v_ptr + o, mask=mask, other=0.0),
+                              tl.load(m_ptr + o, mask=mask, other=0.0).to(tl.float32),
+                              tl.load(v_ptr + o, mask=mask, other=0.0).to(tl.float32),
                               decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt,
                               DECOUPLED, MAXIMIZE)
         p_new = _to_param_dtype(p, P_DTYPE)
         acc += tl.where(mask, _metric_term(g, p_old, p_new, ORD), 0.0)
         tl.store(p_ptr + o, p_new, mask=mask)
-        tl.store(m_ptr + o, m, mask=mask)
-        tl.store(v_ptr + o, v, mask=mask)
+        tl.store(m_ptr + o, _to_param_dtype(m, S_DTYPE), mask=mask)
+        tl.store(v_ptr + o, _to_param_dtype(v, S_DTYPE), mask=mask)
     tl.store(partials_ptr + blk, tl.sum(acc, axis=0))
 
 
@@ -151,7 +153,8 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
                      active: Union[Sequence[bool], torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
                      weight_decay: float, decoupled: bool = True, maximize: bool = False, ord: int = 1,
                      metric: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                     checked: bool = False, device_steps: bool = False) -> Optional[torch.Tensor]:
+                     checked: bool = False, device_steps: bool = False,
+                     states_in_param_dtype: bool = False) -> Optional[torch.Tensor]:
     """One AdamW (or Adam, ``decoupled=False``) step of the active tensors, in place; returns Σ|grad| per tensor.
 
     The result is fp32, ``[len(params)]``, on the params' device, 0 for inactive tensors (Σgrad²
@@ -163,11 +166,14 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
     ``device_steps=True``: the ``step`` counters are 1-element tensors on the params' device (torch's
     ``fused=True`` / ``capturable=True`` layout); they advance and the bias corrections are formed
     on the device, with no host read (the same values as from CPU counters).
+    ``states_in_param_dtype=True``: ``exp_avg``/``exp_avg_sq`` are in each param's dtype, as torch
+    keeps them for bf16/fp16 params; loaded to fp32, updated in fp32, stored rounded to nearest even.
     """
     if checked:
         lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps)]
     else:
-        lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord, device_steps)
+        lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord, device_steps,
+                          states_in_param_dtype)
     chunk = _check_chunk(chunk_size)
     n = len(lists[0])
     if n == 0:
@@ -190,5 +196,6 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
     return step_plan.launch(plan, flags, metric, n, device, lambda g, partials: _fused_adamw_kernel[(g.n_blocks,)](
         *plan.addrs, plan.numel, plan.block_tensor, plan.block_chunk, flags, ss, b2, partials, g.block_base,
         1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, P_DTYPE=_TL_DTYPES[g.dtype],
-        DECOUPLED=decoupled, MAXIMIZE=maximize, ORD=ord, CHUNK=chunk, BLOCK=block,
+        S_DTYPE=_TL_DTYPES[g.dtype] if states_in_param_dtype else tl.float32, DECOUPLED=decoupled,
+        MAXIMIZE=maximize, ORD=ord, CHUNK=chunk, BLOCK=block,
         ALIGNED=g.aligned, num_warps=warps))

@@ -37,7 +37,8 @@ def host_flags(active) -> list[bool]:
     return [bool(a) for a in (active.tolist() if torch.is_tensor(active) else active)]
 
 
-def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord=1, device_steps=False):
+def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord=1, device_steps=False,
+              states_in_param_dtype=False):
     lists = [check_tensor_list(name, x) for name, x in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
                                                   ("exp_avg_sqs", exp_avg_sqs), ("steps", steps))]
     n = len(lists[0])
@@ -51,9 +52,11 @@ def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord=1, device
         if lists[1][i].dtype != p.dtype or lists[1][i].shape != p.shape:
             raise ValueError(f"grads[{i}] is {lists[1][i].dtype} {tuple(lists[1][i].shape)}; "
                              f"params[{i}] is {p.dtype} {tuple(p.shape)}")
+        want = p.dtype if states_in_param_dtype else torch.float32
         for name, s in (("exp_avgs", lists[2][i]), ("exp_avg_sqs", lists[3][i])):
-            if s.dtype != torch.float32 or s.shape != p.shape:
-                raise ValueError(f"{name}[{i}] is {s.dtype} {tuple(s.shape)}; expected float32 {tuple(p.shape)}")
+            if s.dtype != want or s.shape != p.shape:
+                raise ValueError(f"{name}[{i}] is {s.dtype} {tuple(s.shape)}; expected {want} {tuple(p.shape)} "
+                                 f"(states_in_param_dtype={states_in_param_dtype})")
         st = lists[4][i]
         if device_steps:
             if st.device != p.device or st.numel() != 1 or not st.dtype.is_floating_point:
@@ -107,9 +110,10 @@ def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch
                            steps: Sequence[torch.Tensor], active: Union[Sequence[bool], torch.Tensor], *, lr: float,
                            beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
                            maximize: bool = False, ord: int = 1, metric: bool = True,
-                           chunk_size: Optional[int] = None, device_steps: bool = False) -> Optional[torch.Tensor]:
+                           chunk_size: Optional[int] = None, device_steps: bool = False,
+                           states_in_param_dtype: bool = False) -> Optional[torch.Tensor]:
     """Torch twin of ``fused_adamw_step`` (same signature; ``chunk_size`` is ignored): fp32 math, RNE stores."""
-    lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord, device_steps)
+    lists = _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord, device_steps, states_in_param_dtype)
     flags = host_flags(active)
     # Device flags: the host advances every step counter, like the kernel's launcher (see its doc).
     advance = [True] * len(flags) if torch.is_tensor(active) else flags
@@ -129,10 +133,13 @@ def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch
             p32.mul_(1 - lr * weight_decay)
         else:
             g32 = g32 + weight_decay * p32
-        m.lerp_(g32, 1 - beta1)
-        v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
-        p32.addcdiv_(m, v.sqrt() / bc2_sqrt[i] + eps, value=-step_size[i])
-        p.copy_(p32)  # .copy_ from fp32 rounds to nearest even, like the kernel's store
+        m32, v32 = m.float(), v.float()  # fp32 states: the tensors themselves, updated in place
+        m32.lerp_(g32, 1 - beta1)
+        v32.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+        p32.addcdiv_(m32, v32.sqrt() / bc2_sqrt[i] + eps, value=-step_size[i])  # the fp32 moments, not the stored
+        for stored, x in ((p, p32), (m, m32), (v, v32)):
+            if stored is not x:
+                stored.copy_(x)  # .copy_ from fp32 rounds to nearest even, like the kernel's store
         out.append(metric_sum(g, ord, before, p))
     return stack_metric(out, metric)
 
