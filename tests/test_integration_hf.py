@@ -350,3 +350,27 @@ def test_resuming_a_run_gradES_already_ended(tmp_path):
     final = str(tmp_path / "c" / f"checkpoint-{trainer.state.global_step}")
     with pytest.raises(RuntimeError, match="nothing to resume"):
         train("llama", tmp_path / "d", lora=True, resume=final, args_kw={"save_steps": 100}, grades=lora_grades)
+
+
+def test_default_training_arguments_and_a_bf16_model_reach_the_fused_path(tmp_path):
+    """Trainer's default optim (adamw_torch_fused: step counters on the device) and a pure-bf16 model
+    (moments in bf16) both run the fused kernel (interpreted here, impl='triton'), and still freeze."""
+    assert TrainingArguments(output_dir=str(tmp_path)).optim == "adamw_torch_fused"
+    model = make_model("llama").to(torch.bfloat16)
+    args = make_args(tmp_path)
+    opt, sched = create_grades_optimizer_and_scheduler(model, args, impl="triton", **GRADES)
+    assert type(opt.optimizer) is torch.optim.AdamW and opt.optimizer.defaults["fused"]
+    paths, dtypes = [], set()
+
+    class Path(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            paths.append(opt.fast_path)
+            if state.global_step == 1:  # before any freeze released a state
+                dtypes.update(opt.state[t]["exp_avg"].dtype for c in opt.components for t in tensors(opt, c))
+
+    trainer = Trainer(model=model, args=args, train_dataset=Data(classification=False), optimizers=(opt, sched),
+                      callbacks=[Path()])
+    add_grades_callback(trainer)
+    trainer.train()
+    assert paths and all(p is not None and p.startswith("triton fused AdamW") for p in paths), opt.fast_path_reason
+    assert any(c.frozen for c in opt.components) and dtypes == {torch.bfloat16}
