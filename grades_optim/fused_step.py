@@ -5,8 +5,8 @@ When it applies. ``impl`` resolves to Triton for the tracked parameters (``"trit
 (decoupled or L2 weight decay, per-group lr/betas/eps/weight_decay, ``maximize``; ``fused=True`` /
 ``capturable=True``, whose ``step`` counters torch keeps on the device, advance them there) or
 ``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay, ``maximize``; ``fused=True`` is
-replaced by the kernel), and the metric is ``grad_l1``, ``grad_l2`` or ``weight_delta_l1``. Then
-each step:
+replaced by the kernel), and the metric is ``grad_l1``, ``grad_l2``, ``weight_delta_l1`` or (Adam)
+``update_snr``, the library default, read from the moments the pass has just written. Then each step:
 
 1. the live tracked parameters with a gradient are updated by ``kernels.fused_adamw`` /
    ``kernels.fused_sgd``, one launch per param group and dtype, and the metric's per-tensor sums
@@ -62,7 +62,7 @@ logger = logging.getLogger("grades_optim")
 _KINDS = {torch.optim.AdamW: "adamw", torch.optim.Adam: "adam", torch.optim.SGD: "sgd"}
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # metric -> the kernels' ord (3: the stored weight change, computed in the update's own pass)
-_FUSED_METRICS = {"grad_l1": 1, "grad_l2": 2, "weight_delta_l1": 3}
+_FUSED_METRICS = {"grad_l1": 1, "grad_l2": 2, "weight_delta_l1": 3, "update_snr": 4}  # 4: Adam kernels only
 # Group keys, an allow-list: the options each kernel implements, and keys that never change an update
 # (how the inner step executes, which the kernel replaces; LR-scheduler and naming bookkeeping; the
 # wrapper's own). Any other key with a truthy value sends the step to the reference path, so an
@@ -90,9 +90,9 @@ def static_reason(opt) -> Optional[str]:
     if type(opt.optimizer) not in _KINDS:
         return (f"inner optimizer {type(opt.optimizer).__name__} has no fused kernel (exactly torch.optim.AdamW, "
                 "Adam or SGD)")
-    if opt.metric not in _FUSED_METRICS:
+    if opt.metric not in _FUSED_METRICS or (_FUSED_METRICS[opt.metric] == 4 and _kind(opt.optimizer) != "adam"):
         return (f"metric={opt.metric!r} is measured by the reference path (fused: "
-                f"{', '.join(_FUSED_METRICS)})")
+                f"{', '.join(_FUSED_METRICS)}; update_snr with Adam/AdamW)")
     return None
 
 

@@ -11,7 +11,8 @@ or Adam with L2 weight decay (``decoupled=False``) update, in fp32, with torch's
 
 and, from the values already in registers, ``Σ|grad_t|`` (``ord=1``, the GradES ``grad_l1``
 metric), ``Σ grad_t²`` (``ord=2``, for ``grad_l2``) or ``Σ|p_new − p_old|`` of the stored param
-(``ord=3``, for ``weight_delta_l1``: no copy of the weights is kept) as one
+(``ord=3``, for ``weight_delta_l1``: no copy of the weights is kept) or ``Σ|m̂/(√v̂+ε)|`` of the new
+moments (``ord=4``, for ``update_snr``: the update's own denominator, scaled by 1/bc1 per tensor) as one
 fp32 partial per chunk, reduced per tensor in a fixed order by ``tensor_sums``'s finish kernel.
 Inactive (frozen) tensors: each of their programs writes a zero partial and returns; params,
 grads and moments are not touched. State is torch's: ``exp_avg``, ``exp_avg_sq`` (fp32 tensors)
@@ -82,6 +83,17 @@ def _metric_term(g, p_old, p_new, ORD: tl.constexpr):
 
 
 @triton.jit
+def _adam_metric_term(g, p_old, p_new, m, v, bc2_sqrt, eps, ORD: tl.constexpr):
+    # ORD 4 (update_snr): |m / (√v/√bc2 + ε)| of the new moments; the launcher scales each tensor's
+    # sum by 1/bc1, giving Σ|m̂/(√v̂+ε)|. The denominator is the update's (the compiler shares it).
+    if ORD == 4:
+        r = tl.abs(tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps))
+    else:
+        r = _metric_term(g, p_old, p_new, ORD)
+    return r
+
+
+@triton.jit
 def _to_param_dtype(x, P_DTYPE: tl.constexpr):
     if P_DTYPE == tl.bfloat16:
         # Round to nearest even by hand: the interpreter truncates .to(tl.bfloat16) (perf.md §5.1).
@@ -125,7 +137,7 @@ def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_pt
                               one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt,
                               DECOUPLED, MAXIMIZE)
         p_new = _to_param_dtype(p, P_DTYPE)
-        acc += _metric_term(g, p_old, p_new, ORD)
+        acc += _adam_metric_term(g, p_old, p_new, m, v, bc2_sqrt, eps, ORD)
         tl.store(p_ptr + o, p_new)
         tl.store(m_ptr + o, _to_param_dtype(m, S_DTYPE))
         tl.store(v_ptr + o, _to_param_dtype(v, S_DTYPE))
@@ -141,7 +153,7 @@ def _fused_adamw_kernel(p_addr_ptr, g_addr_ptr, m_addr_ptr, v_addr_ptr, numel_pt
                               decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt,
                               DECOUPLED, MAXIMIZE)
         p_new = _to_param_dtype(p, P_DTYPE)
-        acc += tl.where(mask, _metric_term(g, p_old, p_new, ORD), 0.0)
+        acc += tl.where(mask, _adam_metric_term(g, p_old, p_new, m, v, bc2_sqrt, eps, ORD), 0.0)
         tl.store(p_ptr + o, p_new, mask=mask)
         tl.store(m_ptr + o, _to_param_dtype(m, S_DTYPE), mask=mask)
         tl.store(v_ptr + o, _to_param_dtype(v, S_DTYPE), mask=mask)
@@ -186,16 +198,18 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
     device_flags = torch.is_tensor(active)
     host_active = [True] * n if device_flags else [bool(a) for a in active]
     if device_steps:
-        ss, b2 = (t.float() for t in device_coefficients(lists[4], host_active, lr, beta1, beta2))
+        ss, b2, inv_bc1 = (t.float() for t in device_coefficients(lists[4], host_active, lr, beta1, beta2))
     else:
-        step_size, bc2_sqrt = _coefficients(lists[4], host_active, lr, beta1, beta2)
-        ss, b2 = to_device(torch.tensor(step_size + bc2_sqrt, dtype=torch.float32), device).split([n, n])
+        step_size, bc2_sqrt, inv = _coefficients(lists[4], host_active, lr, beta1, beta2)
+        coef = step_size + bc2_sqrt + (inv if ord == 4 and metric else [])
+        ss, b2, inv_bc1 = to_device(torch.tensor(coef, dtype=torch.float32), device).split([n, n, len(coef) - 2 * n])
     plan = step_plan.get_plan(lists[:4], None if device_flags else host_active, [0] * n, chunk, device)
     flags = active if device_flags else plan.active
     block, warps = launch_config("fused_adamw", chunk)
-    return step_plan.launch(plan, flags, metric, n, device, lambda g, partials: _fused_adamw_kernel[(g.n_blocks,)](
+    out = step_plan.launch(plan, flags, metric, n, device, lambda g, partials: _fused_adamw_kernel[(g.n_blocks,)](
         *plan.addrs, plan.numel, plan.block_tensor, plan.block_chunk, flags, ss, b2, partials, g.block_base,
         1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, P_DTYPE=_TL_DTYPES[g.dtype],
         S_DTYPE=_TL_DTYPES[g.dtype] if states_in_param_dtype else tl.float32, DECOUPLED=decoupled,
         MAXIMIZE=maximize, ORD=ord, CHUNK=chunk, BLOCK=block,
         ALIGNED=g.aligned, num_warps=warps))
+    return out * inv_bc1 if ord == 4 and out is not None else out  # Σ|m/denom| → Σ|m̂/(√v̂+ε)|

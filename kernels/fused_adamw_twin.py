@@ -27,9 +27,12 @@ def check_flags(active, n: int) -> None:
         raise ValueError(f"active has {len(active)} flags but params has {n}")
 
 
-def check_ord(ord) -> None:
-    if ord not in (1, 2, 3):
-        raise ValueError(f"Invalid ord: {ord!r}; expected 1 (Σ|grad|), 2 (Σgrad²) or 3 (Σ|p_new − p_old|)")
+def check_ord(ord, moments: bool = False) -> None:
+    """1: Σ|grad|, 2: Σgrad², 3: Σ|p_new − p_old|; with Adam ``moments`` also 4: Σ|m̂/(√v̂+ε)|."""
+    allowed = (1, 2, 3, 4) if moments else (1, 2, 3)
+    if ord not in allowed:
+        raise ValueError(f"Invalid ord: {ord!r}; expected 1 (Σ|grad|), 2 (Σgrad²), 3 (Σ|p_new − p_old|)"
+                         + (" or 4 (Σ|m̂/(√v̂+ε)|, update_snr)" if moments else ""))
 
 
 def host_flags(active) -> list[bool]:
@@ -46,7 +49,7 @@ def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord=1, device
         if len(x) != n:
             raise ValueError(f"{name} has {len(x)} tensors but params has {n}")
     check_flags(active, n)
-    check_ord(ord)
+    check_ord(ord, moments=True)
     for i in range(n):
         p = lists[0][i]
         if lists[1][i].dtype != p.dtype or lists[1][i].shape != p.shape:
@@ -70,7 +73,7 @@ def _validate(params, grads, exp_avgs, exp_avg_sqs, steps, active, ord=1, device
 
 
 def _coefficients(steps, active, lr, beta1, beta2):
-    """Advance the active steps and return torch's per-tensor step_size and sqrt(bias_correction2).
+    """Advance the active steps; torch's per-tensor step_size, sqrt(bias_correction2) and 1/bias_correction1.
 
     In bulk: one in-place ``_foreach_add_`` (torch's ``step_t += 1``), one read of each CPU counter
     (no device sync), and the bias corrections once per distinct step value (usually one per group).
@@ -83,8 +86,9 @@ def _coefficients(steps, active, lr, beta1, beta2):
     for k in ks:
         if k not in memo:
             # Python doubles, exactly as torch's _single_tensor_adam computes them (k=0 only when frozen).
-            memo[k] = (lr / (1 - beta1 ** k), math.sqrt(1 - beta2 ** k)) if k > 0 else (0.0, 1.0)
-    return [memo[k][0] for k in ks], [memo[k][1] for k in ks]
+            memo[k] = (lr / (1 - beta1 ** k), math.sqrt(1 - beta2 ** k), 1 / (1 - beta1 ** k)) if k > 0 else (
+                0.0, 1.0, 0.0)
+    return [memo[k][0] for k in ks], [memo[k][1] for k in ks], [memo[k][2] for k in ks]
 
 
 def device_coefficients(steps, active, lr, beta1, beta2):
@@ -92,7 +96,7 @@ def device_coefficients(steps, active, lr, beta1, beta2):
 
     The counters advance in place (``step += 1`` in their own dtype, as torch does); the bias
     corrections are formed on the device in float64 from the counters' values, the same doubles
-    ``_coefficients`` forms on the host, and come back as two float64 tensors (0 and 1 where a
+    ``_coefficients`` forms on the host, and come back as three float64 tensors (0, 1 and 0 where a
     counter is still 0: a tensor that was never live).
     """
     live = [s for s, a in zip(steps, active) if a]
@@ -102,7 +106,8 @@ def device_coefficients(steps, active, lr, beta1, beta2):
     seen = k > 0
     step_size = torch.where(seen, lr / (1 - torch.pow(beta1, k)), torch.zeros_like(k))
     bc2_sqrt = torch.where(seen, torch.sqrt(1 - torch.pow(beta2, k)), torch.ones_like(k))
-    return step_size, bc2_sqrt
+    inv_bc1 = torch.where(seen, 1 / (1 - torch.pow(beta1, k)), torch.zeros_like(k))
+    return step_size, bc2_sqrt, inv_bc1
 
 
 def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -118,9 +123,9 @@ def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch
     # Device flags: the host advances every step counter, like the kernel's launcher (see its doc).
     advance = [True] * len(flags) if torch.is_tensor(active) else flags
     if device_steps:  # the twin may read the device (it is the reference); the same doubles either way
-        step_size, bc2_sqrt = (t.tolist() for t in device_coefficients(lists[4], advance, lr, beta1, beta2))
+        step_size, bc2_sqrt, inv_bc1 = (t.tolist() for t in device_coefficients(lists[4], advance, lr, beta1, beta2))
     else:
-        step_size, bc2_sqrt = _coefficients(lists[4], advance, lr, beta1, beta2)
+        step_size, bc2_sqrt, inv_bc1 = _coefficients(lists[4], advance, lr, beta1, beta2)
     out = []
     for i, (p, g, m, v) in enumerate(zip(*lists[:4])):
         if not flags[i]:
@@ -136,11 +141,13 @@ def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch
         m32, v32 = m.float(), v.float()  # fp32 states: the tensors themselves, updated in place
         m32.lerp_(g32, 1 - beta1)
         v32.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
-        p32.addcdiv_(m32, v32.sqrt() / bc2_sqrt[i] + eps, value=-step_size[i])  # the fp32 moments, not the stored
+        denom = v32.sqrt() / bc2_sqrt[i] + eps
+        p32.addcdiv_(m32, denom, value=-step_size[i])  # the fp32 moments, not the stored
         for stored, x in ((p, p32), (m, m32), (v, v32)):
             if stored is not x:
                 stored.copy_(x)  # .copy_ from fp32 rounds to nearest even, like the kernel's store
-        out.append(metric_sum(g, ord, before, p))
+        # ord 4 (update_snr): Σ|m̂/(√v̂+ε)| = (1/bc1)·Σ|m/denom|, from the same fp32 values
+        out.append((m32.abs() / denom).sum() * inv_bc1[i] if ord == 4 else metric_sum(g, ord, before, p))
     return stack_metric(out, metric)
 
 

@@ -274,7 +274,8 @@ sig.update(dict.fromkeys(["P_DTYPE", "S_DTYPE", "DECOUPLED", "MAXIMIZE", "ORD", 
                          "constexpr"))
 attrs = {(i,): [["tt.divisibility", 16]] for i in range(11)}
 for p_dt, s_dt, ord in ((tl.float32, tl.float32, 1), (tl.bfloat16, tl.float32, 1), (tl.bfloat16, tl.bfloat16, 1),
-                        (tl.float32, tl.float32, 3), (tl.bfloat16, tl.bfloat16, 3)):
+                        (tl.float32, tl.float32, 3), (tl.bfloat16, tl.bfloat16, 3), (tl.float32, tl.float32, 4),
+                        (tl.bfloat16, tl.bfloat16, 4)):
     for aligned in (True, False):
         block, warps = K.launch_config("fused_adamw", K.DEFAULT_CHUNK_SIZE)
         const = dict(P_DTYPE=p_dt, S_DTYPE=s_dt, DECOUPLED=True, MAXIMIZE=False, ORD=ord, CHUNK=K.DEFAULT_CHUNK_SIZE, BLOCK=block,
@@ -708,3 +709,32 @@ def test_fused_adamw_device_steps_equal_cpu_steps_without_host_reads():
     with pytest.raises(ValueError, match="device_steps"):  # CPU counters are refused with a CUDA-less hint
         F.fused_adamw_step(runs[0][0], grads[0], runs[0][1], runs[0][2], [torch.zeros(2) for _ in shapes], active,
                            chunk_size=64, device_steps=True, **hp)
+
+
+@pytest.mark.usefixtures("several_tiles")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_adamw_update_snr_matches_the_reference_reading(dtype):
+    """ord=4: Σ|m̂/(√v̂+ε)| from the pass's own fp32 moments, against the twin and against the
+    reference path's reading of the stored state (magnitudes.update_snr_sums, in float64 here)."""
+    from grades_optim import magnitudes
+
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(37,), (16, 9), (1,), (0,), (300,)]
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, states_in_param_dtype=True)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    m, v = [torch.zeros(s, dtype=dtype) for s in shapes], [torch.zeros(s, dtype=dtype) for s in shapes]
+    steps = [torch.tensor(0.0) for _ in shapes]
+    active = [True, True, True, True, False]
+    for k in range(6):
+        grads = [(torch.randn(s, generator=gen) + 0.3).to(dtype) for s in shapes]
+        twin = ([p.clone() for p in params], [x.clone() for x in m], [x.clone() for x in v], [x.clone() for x in steps])
+        want = F.torch_fused_adamw_step(twin[0], grads, twin[1], twin[2], twin[3], active, ord=4, **hp)
+        got = F.fused_adamw_step(params, grads, m, v, steps, active, ord=4, chunk_size=64, **hp)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        live = [i for i, a in enumerate(active) if a and params[i].numel()]
+        states = [{"exp_avg": m[i].double(), "exp_avg_sq": v[i].double(), "step": steps[i]} for i in live]
+        ref = magnitudes.update_snr_sums([params[i] for i in live], states, [(0.9, 0.99)] * len(live),
+                                         [1e-8] * len(live))
+        # bf16: the reference reads the stored (rounded) moments, the kernel the fp32 ones
+        torch.testing.assert_close(got[live], ref.float(), rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5)
+        assert got[4] == 0
