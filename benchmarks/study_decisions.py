@@ -393,8 +393,9 @@ def render() -> str:
                 f"| {_mean_sd([x['elapsed_s'] for x in g])} / {_mean_sd([r['full']['elapsed_s'] for r in rs])} "
                 f"/ {_mean_sd([r['classic-es']['elapsed_s'] for r in rs])} |")
     lines.append("")
-    lines += _tau_sensitivity()
-    _plot_probes()
+    probes = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("decisions_probe_*.json"))]
+    lines += _tau_sensitivity(probes)
+    _plot_probes(probes)
     return "\n".join(lines)
 
 
@@ -429,8 +430,7 @@ def freezes_open_loop(d: dict, tau: float, metric: str = "update_snr") -> list:
     return [st.frozen_at for st in states.values()]
 
 
-def _tau_sensitivity() -> list:
-    probes = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("decisions_probe_*.json"))]
+def _tau_sensitivity(probes: list) -> list:
     if not probes:
         return []
     lines = ["## Where τ sits: the default rule replayed on each probe's `update_snr` readings", "",
@@ -450,15 +450,14 @@ def _tau_sensitivity() -> list:
     return lines
 
 
-def _plot_probes() -> None:
+def _plot_probes(probes: list) -> None:
+    if not probes:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    probes = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("decisions_probe_*.json"))]
-    if not probes:
-        return
     fig, axes = plt.subplots(len(probes), 3, figsize=(14, 3.6 * len(probes)), squeeze=False)
     for row, d in zip(axes, probes):
         steps = [r["step"] for r in d["rows"]]
@@ -471,7 +470,7 @@ def _plot_probes() -> None:
             ax.set_yscale("log" if name != "update_snr" else "linear")
             ax.set_title(f"{d.get('setup', '')} ({d['schedule']} LR): {name} per matrix")
             ax.set_xlabel("step")
-            ax.axvline(int(0.3 * d["total"]), color="grey", ls=":", lw=1)
+            ax.axvline(int(defaults.GRADES["alpha"] * d["total"]), color="grey", ls=":", lw=1)
             if name == defaults.GRADES["metric"]:
                 ax.axhline(defaults.GRADES["tau"], color="red", ls=":", lw=1, label="default τ")
             twin = ax.twinx()

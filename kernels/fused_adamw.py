@@ -21,7 +21,8 @@ CPU as torch keeps it by default, or with ``device_steps=True`` on the params' d
 ``fused=True`` / ``capturable=True`` keep it), so state dicts move freely between this step, the
 torch twin and ``torch.optim.AdamW`` of the same layout.
 
-Params and grads: fp32, bf16 or fp16 (same dtype per pair); states fp32. bf16 params are stored
+Params and grads: fp32, bf16 or fp16 (same dtype per pair); states fp32, or in the param dtype
+(``states_in_param_dtype``). bf16 params are stored
 with an explicit round-to-nearest-even: the interpreter truncates ``.to(tl.bfloat16)``, the GPU
 rounds, and this way both agree with torch bit for bit. ``sqrt_rn`` / ``div_rn`` give IEEE results
 (Triton's default ``sqrt``/``/`` are approximate on the GPU).
@@ -197,11 +198,13 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         step_plan.check_contiguous(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4])
     device_flags = torch.is_tensor(active)
     host_active = [True] * n if device_flags else [bool(a) for a in active]
+    want_inv = ord == 4 and metric
     if device_steps:
-        ss, b2, inv_bc1 = (t.float() for t in device_coefficients(lists[4], host_active, lr, beta1, beta2))
+        ss, b2, inv_bc1 = (None if t is None else t.float()
+                           for t in device_coefficients(lists[4], host_active, lr, beta1, beta2, inv=want_inv))
     else:
         step_size, bc2_sqrt, inv = _coefficients(lists[4], host_active, lr, beta1, beta2)
-        coef = step_size + bc2_sqrt + (inv if ord == 4 and metric else [])
+        coef = step_size + bc2_sqrt + (inv if want_inv else [])
         ss, b2, inv_bc1 = to_device(torch.tensor(coef, dtype=torch.float32), device).split([n, n, len(coef) - 2 * n])
     plan = step_plan.get_plan(lists[:4], None if device_flags else host_active, [0] * n, chunk, device)
     flags = active if device_flags else plan.active
@@ -212,4 +215,4 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         S_DTYPE=_TL_DTYPES[g.dtype] if states_in_param_dtype else tl.float32, DECOUPLED=decoupled,
         MAXIMIZE=maximize, ORD=ord, CHUNK=chunk, BLOCK=block,
         ALIGNED=g.aligned, num_warps=warps))
-    return out * inv_bc1 if ord == 4 and out is not None else out  # Σ|m/denom| → Σ|m̂/(√v̂+ε)|
+    return out * inv_bc1 if want_inv else out  # Σ|m/denom| → Σ|m̂/(√v̂+ε)|

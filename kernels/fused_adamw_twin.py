@@ -86,28 +86,28 @@ def _coefficients(steps, active, lr, beta1, beta2):
     for k in ks:
         if k not in memo:
             # Python doubles, exactly as torch's _single_tensor_adam computes them (k=0 only when frozen).
-            memo[k] = (lr / (1 - beta1 ** k), math.sqrt(1 - beta2 ** k), 1 / (1 - beta1 ** k)) if k > 0 else (
-                0.0, 1.0, 0.0)
+            bc1 = 1 - beta1 ** k
+            memo[k] = (lr / bc1, math.sqrt(1 - beta2 ** k), 1 / bc1) if k > 0 else (0.0, 1.0, 0.0)
     return [memo[k][0] for k in ks], [memo[k][1] for k in ks], [memo[k][2] for k in ks]
 
 
-def device_coefficients(steps, active, lr, beta1, beta2):
+def device_coefficients(steps, active, lr, beta1, beta2, inv: bool = False):
     """``_coefficients`` with the step counters on the device (torch's fused/capturable layout): no host read.
 
     The counters advance in place (``step += 1`` in their own dtype, as torch does); the bias
     corrections are formed on the device in float64 from the counters' values, the same doubles
-    ``_coefficients`` forms on the host, and come back as three float64 tensors (0, 1 and 0 where a
-    counter is still 0: a tensor that was never live).
+    ``_coefficients`` forms on the host: float64 tensors ``step_size``, ``bc2_sqrt`` and (``inv``,
+    for ``ord=4``) ``1/bc1``, else ``None``. This runs every step, so it is a handful of device ops:
+    a counter still at 0 belongs to an inactive tensor, whose coefficients nothing reads (they come
+    out inf/0 there), except ``1/bc1``, which scales a reading and is set to 0 for them.
     """
     live = [s for s, a in zip(steps, active) if a]
     if live:
         torch._foreach_add_(live, 1)
     k = torch.stack([s.reshape(()) for s in steps]).double()
-    seen = k > 0
-    step_size = torch.where(seen, lr / (1 - torch.pow(beta1, k)), torch.zeros_like(k))
-    bc2_sqrt = torch.where(seen, torch.sqrt(1 - torch.pow(beta2, k)), torch.ones_like(k))
-    inv_bc1 = torch.where(seen, 1 / (1 - torch.pow(beta1, k)), torch.zeros_like(k))
-    return step_size, bc2_sqrt, inv_bc1
+    bc1 = 1 - torch.pow(beta1, k)
+    inv_bc1 = torch.where(k > 0, bc1.reciprocal(), 0.0) if inv else None
+    return lr / bc1, torch.sqrt(1 - torch.pow(beta2, k)), inv_bc1
 
 
 def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -123,7 +123,8 @@ def torch_fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch
     # Device flags: the host advances every step counter, like the kernel's launcher (see its doc).
     advance = [True] * len(flags) if torch.is_tensor(active) else flags
     if device_steps:  # the twin may read the device (it is the reference); the same doubles either way
-        step_size, bc2_sqrt, inv_bc1 = (t.tolist() for t in device_coefficients(lists[4], advance, lr, beta1, beta2))
+        step_size, bc2_sqrt, inv_bc1 = (t.tolist() for t in device_coefficients(lists[4], advance, lr, beta1, beta2,
+                                                                                 inv=True))
     else:
         step_size, bc2_sqrt, inv_bc1 = _coefficients(lists[4], advance, lr, beta1, beta2)
     out = []

@@ -61,6 +61,8 @@ def launch_config(kernel: str, chunk: int) -> tuple:
     """``(BLOCK, num_warps)`` for ``kernel`` on ``chunk``-element chunks."""
     block, warps = LAUNCH[kernel]
     return min(block, chunk), warps
+
+
 _FINISH_BLOCK = 128  # partials added per iteration in stage 2 (fixes the summation order)
 _CACHE_SIZE = 16
 
