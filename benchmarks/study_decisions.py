@@ -67,6 +67,10 @@ SETUPS = {
     # held-out loss per token (lower is better); "accuracy" is not read for this setup.
     "lm": dict(task="lm", lr=1e-3, max_length=48),
 }
+# Full-size confirmations (the main job's size: all of the training split up to 4,000 examples,
+# batch 32, 2 epochs) of the quick setups above.
+SETUPS["bbc-full"] = dict(SETUPS["bbc"], size="full")
+SETUPS["lm-full"] = dict(SETUPS["lm"], size="full")
 LM_PRETRAIN_STEPS = 400
 
 
