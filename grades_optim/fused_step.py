@@ -30,6 +30,14 @@ changes: the wrapper's cached layout (the groups and the freeze set) or the grad
 which the caching allocator hands back step after step. Autograd keeps a gradient's dtype, device
 and shape equal to its parameter's, so an unchanged address set means unchanged answers.
 
+The steady state (Adam). Once a parameter set has stepped twice unchanged with every live tracked
+parameter holding a gradient, each group's set is prepared (``kernels.fused_adamw.PreparedAdamW``):
+its ``step`` counters move into one tensor (the states keep 0-d views of it, same dtype, device
+and values, so state dicts are torch's), its launch table is held, and a step then costs O(groups)
+Python plus one address comparison per parameter and gradient: the counters advance in one op, the
+bias corrections are formed once per group. A changed layout, state mapping (an inner
+``load_state_dict``), address, or a missing gradient takes the full path, which prepares again.
+
 Host syncs. Between checks a fused step does none: launch tables are cached on addresses (a
 rebuild uploads through pinned memory), flags live in the cached table, Adam's bias corrections
 come from torch's CPU ``step`` counters and go up through pinned memory (or, for fused/capturable
@@ -41,8 +49,9 @@ readings are needed on the host at every check anyway for ``history`` and the ra
 """
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -142,6 +151,28 @@ def _param_reason(kind: str, p: torch.Tensor, state: dict, device: torch.device,
     return None
 
 
+class _Hot(NamedTuple):
+    layout: object  # the wrapper's _Layout it was prepared on (groups and freeze set)
+    state: dict  # the inner optimizer's state dict object (load_state_dict replaces it)
+    params: list  # every live tracked param, in launch order
+    ptrs: tuple  # their data addresses, then their gradients'
+    ordered: list  # (component, param) in launch order
+    runs: list  # (group index, PreparedAdamW)
+
+
+def _bulk_counters(state, params) -> torch.Tensor:
+    """One tensor with the params' Adam ``step`` counters; each state's ``step`` becomes a 0-d view of it.
+
+    Same dtype, device and values, so the states read as torch's own; the counters then advance
+    in one op per group instead of one per parameter.
+    """
+    steps = [state[p]["step"] for p in params]
+    buf = torch.stack([s.reshape(()) for s in steps]) if steps else torch.zeros(0)
+    for i, p in enumerate(params):
+        state[p]["step"] = buf[i]
+    return buf
+
+
 def attach(opt) -> Optional["FusedStep"]:
     """Set ``opt.fast_path``/``fast_path_reason``; the step runner, or ``None`` when it can never run."""
     reason = static_reason(opt)
@@ -167,6 +198,7 @@ class FusedStep:
         # and whose states exist; and per group the tensor lists that step launched with
         self._ok: Optional[tuple] = None
         self._lists: dict[int, tuple] = {}
+        self._hot: Optional[_Hot] = None  # the prepared steady state (Adam): see _hot_step
 
     def fallback(self, reason: str) -> None:
         self.opt.fast_path, self.opt.fast_path_reason = None, reason
@@ -206,6 +238,9 @@ class FusedStep:
 
     def __call__(self, check: bool):
         """Step the live tracked params (and the rest through the inner optimizer); ``(live, sums)`` or ``None``."""
+        out = self._hot_step(check)
+        if out is not None:
+            return out
         opt = self.opt
         live = opt._live_tracked_with_grad()
         # an empty gradient has address 0: its parameter's identity stands in, so two sets differ
@@ -243,14 +278,77 @@ class FusedStep:
             window.close(check)
             return ordered, sums
         window.close(check)
-        sums = torch.cat(sums) if check and sums else None
-        zero = opt._zero_lr_groups() if sums is not None and self.ord == 3 else None
+        if hit and self.kind == "adam" and len(live) == len(opt._layout().live):  # stable twice: prepare
+            self._prepare(key, ordered, by_group)
+        return self._readings(ordered, sums if check else None)
+
+    def _readings(self, ordered, sums):
+        """``(ordered, sums)`` of a step's pass (``sums`` None off checks), less lr=0 groups' weight deltas."""
+        if sums is None:
+            return ordered, None
+        sums = torch.cat(sums) if sums else None
+        zero = self.opt._zero_lr_groups() if sums is not None and self.ord == 3 else None
         if zero:  # as on the reference path: a step at lr=0 gives no weight-delta reading
+            where = self.opt._layout().group_of
             keep = [k for k, (_, p) in enumerate(ordered) if where[id(p)] not in zero]
             if len(keep) < len(ordered):
                 ordered = [ordered[k] for k in keep]
                 sums = sums[torch.tensor(keep, dtype=torch.long, device=sums.device)]
         return ordered, sums
+
+    # -- the prepared steady state (Adam) --------------------------------------------------
+    def _prepare(self, key, ordered, by_group) -> None:
+        """After a full fused step in which every live tracked param had a gradient: prepare the next ones.
+
+        Each group's ``step`` counters move into one tensor (the states keep 0-d views of it, so
+        state dicts are unchanged) and its tensor set into a ``PreparedAdamW``. From then on a step
+        whose layout, state and param/gradient addresses are those of this one costs O(groups) Python
+        plus one address comparison per parameter (``_hot_step``); anything else takes the full path,
+        which prepares again.
+        """
+        opt, runs = self.opt, []
+        for g, items in by_group.items():
+            params = [p for _, p in items]
+            exp_avgs, exp_avg_sqs, _, _, in_param_dtype = self._lists[g]
+            counters = _bulk_counters(opt.state, params)
+            runs.append((g, dispatch.prepared_adamw(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, counters,
+                                                    device_steps=device_steps(opt.param_groups[g]),
+                                                    states_in_param_dtype=in_param_dtype)))
+        params = [p for _, p in ordered]
+        ptrs = tuple(map(torch.Tensor.data_ptr, itertools.chain(params, (p.grad for p in params))))
+        # the full path's lists hold the step tensors the views replaced: it must rebuild them
+        self._ok, self._lists = None, {}
+        self._hot = _Hot(key[0], opt.state, params, ptrs, ordered, runs)
+
+    def _hot_step(self, check: bool):
+        """The prepared step, or ``None`` (take the full path) when anything it was prepared on changed."""
+        hot, opt = self._hot, self.opt
+        if hot is None:
+            return None
+        if hot.layout is not opt._layout() or hot.state is not opt.state:
+            self._hot = None
+            return None
+        try:  # a missing (None) or sparse gradient raises here: the full path sorts it out
+            ptrs = tuple(map(torch.Tensor.data_ptr, itertools.chain(hot.params, [p.grad for p in hot.params])))
+        except (TypeError, RuntimeError):
+            return None
+        if ptrs != hot.ptrs:
+            return None
+        groups = opt.param_groups
+        for group in groups:
+            if _group_reason(self.kind, group):
+                return None
+        opt.fast_path, opt.fast_path_reason = self.description, "supported"
+        sums = []
+        for g, run in hot.runs:
+            group = groups[g]
+            beta1, beta2 = group["betas"]
+            sums.append(run.step(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                 weight_decay=group["weight_decay"],
+                                 decoupled=bool(group.get("decoupled_weight_decay", False)),
+                                 maximize=bool(group["maximize"]), ord=self.ord, metric=check))
+        opt._masked_inner_step(hide_tracked=True)
+        return self._readings(hot.ordered, sums if check else None)
 
     def _adam(self, g: int, group: dict, params: list, check: bool):
         lists = self._lists.get(g)

@@ -94,25 +94,72 @@ def sum_by_owner(part: torch.Tensor, owners: Sequence[int], n_components: int) -
     tensor (a zero slot past its last one) and the columns are added one after the other: the same
     order, and the same bits, as the CPU ``index_add_`` and the decide kernel's loop.
     """
+    return _sum_columns(part, _owner_columns(owners, n_components, part.device), n_components)
+
+
+def _owner_columns(owners: Sequence[int], n_components: int, device) -> Optional[torch.Tensor]:
+    """``sum_by_owner``'s ``[depth, n_components]`` index table (``None`` when nothing is owned)."""
     slots: list[list[int]] = [[] for _ in range(n_components)]
     for j, c in enumerate(owners):
         slots[c].append(j)
-    depth = max((len(s) for s in slots), default=0)
+    depth = max(map(len, slots), default=0)
     if depth == 0:
-        return torch.zeros(n_components, dtype=torch.float32, device=part.device)
+        return None
     pad = len(owners)  # the index of the zero slot appended to part
-    cols = torch.tensor([[s[k] if k < len(s) else pad for s in slots] for k in range(depth)], device=part.device)
+    if depth == 1:  # one tensor per component, the usual case: one column, no Python loop per depth
+        return torch.tensor([[s[0] if s else pad for s in slots]], device=device)
+    return torch.tensor([[s[k] if k < len(s) else pad for s in slots] for k in range(depth)], device=device)
+
+
+def _sum_columns(part: torch.Tensor, cols: Optional[torch.Tensor], n_components: int) -> torch.Tensor:
+    if cols is None:
+        return torch.zeros(n_components, dtype=torch.float32, device=part.device)
     padded = torch.cat([part.float(), part.new_zeros(1, dtype=torch.float32)])
     out = padded[cols[0]]
-    for k in range(1, depth):
+    for k in range(1, cols.shape[0]):
         out = out + padded[cols[k]]
     return out
+
+
+class OwnerPlan:
+    """What :func:`component_magnitudes` derives from the tensors' owners, sizes and devices alone.
+
+    Built once per tensor set and reused while it is unchanged (the wrapper keys it on its layout
+    and the parameters measured): per device the tensor indices, the rank weights and
+    ``sum_by_owner``'s index table; per component the element count and whether it was measured.
+    """
+
+    __slots__ = ("n", "parts", "counts", "all_on_one")
+
+    def __init__(self, tensors: Sequence[torch.Tensor], owners: Sequence[int], n_components: int, group=None):
+        if len(tensors) != len(owners):
+            raise ValueError(f"got {len(owners)} owners for {len(tensors)} tensors")
+        share = 1.0 / dist_utils.world_size(group)
+        numel = [0.0] * n_components
+        seen = [0.0] * n_components
+        local = [dist_utils.local(t) for t in tensors]
+        # shards add up; replicas average (alone, every weight is 1)
+        weights = [1.0 if dist_utils.is_sharded(t) else share for t in tensors] if group is not None else None
+        by_device: dict[torch.device, list[int]] = {}  # CPU-offloaded or model-parallel tensors split
+        for i, (t, c) in enumerate(zip(local, owners)):
+            numel[c] += t.numel() * (1.0 if weights is None else weights[i])
+            seen[c] = 1.0
+            by_device.setdefault(t.device, []).append(i)
+        self.n = n_components
+        self.all_on_one = len(by_device) == 1
+        self.parts = []
+        for device, idx in by_device.items():
+            w = None if group is None else torch.tensor([weights[i] for i in idx], device=device)
+            self.parts.append((idx, torch.tensor(idx, device=device), w,
+                               _owner_columns([owners[i] for i in idx], n_components, device)))
+        device = next(iter(by_device)) if by_device else _group_device(group)
+        self.counts = torch.tensor(numel + seen, dtype=torch.float64).to(device)
 
 
 def component_magnitudes(tensors: Sequence[torch.Tensor], owners: Sequence[int], n_components: int,
                          ord: int, reduction: str, *, impl: str = "torch", group=None,
                          others: Optional[Sequence[torch.Tensor]] = None,
-                         sums: Optional[torch.Tensor] = None) -> list[Optional[float]]:
+                         sums: Optional[torch.Tensor] = None, plan: Optional[OwnerPlan] = None) -> list[Optional[float]]:
     """Magnitude per component; ``owners[i]`` is the component of ``tensors[i]``.
 
     Components that own no tensor (no gradient this step) come back as ``None``, never 0.0: the
@@ -120,47 +167,39 @@ def component_magnitudes(tensors: Sequence[torch.Tensor], owners: Sequence[int],
     is that of ``tensors[i] − others[i]`` (gradient or weight deltas). With a process ``group``,
     the per-component sums are agreed over ranks first (see :mod:`grades_optim.distributed`).
     ``sums`` (fp32, one per tensor, on their device) are per-tensor sums already taken, e.g. by the
-    fused step's pass; the tensors then only supply element counts and devices.
+    fused step's pass; the tensors then only supply element counts and devices. ``plan``: an
+    :class:`OwnerPlan` of these very tensors, owners and group, built earlier (else built here).
     """
-    if len(tensors) != len(owners):
-        raise ValueError(f"got {len(owners)} owners for {len(tensors)} tensors")
-    share = 1.0 / dist_utils.world_size(group)
-    numel = [0.0] * n_components
-    seen = [0.0] * n_components
-    local = [dist_utils.local(t) for t in tensors]
-    # shards add up; replicas average (alone, every weight is 1)
-    weights = [1.0 if dist_utils.is_sharded(t) else share for t in tensors] if group is not None else None
-    by_device: dict[torch.device, list[int]] = {}  # CPU-offloaded or model-parallel tensors split
-    for i, (t, c) in enumerate(zip(local, owners)):
-        numel[c] += t.numel() * (1.0 if weights is None else weights[i])
-        seen[c] = 1.0
-        by_device.setdefault(t.device, []).append(i)
+    if plan is None:
+        plan = OwnerPlan(tensors, owners, n_components, group)
+    elif len(tensors) != len(owners) or plan.n != n_components:
+        raise ValueError(f"the plan is for {plan.n} components; got {n_components} ({len(tensors)} tensors)")
     totals = None
-    for device, idx in by_device.items():
+    for idx, idx_t, w, cols in plan.parts:
         if sums is None:
             part = tensor_sums([tensors[i] for i in idx], ord, impl=impl,
                                others=None if others is None else [others[i] for i in idx])
         else:
-            part = sums if len(idx) == len(tensors) else sums[torch.tensor(idx, device=sums.device)]
-        if group is not None:
-            part = part * torch.tensor([weights[i] for i in idx], device=part.device)
-        per_comp = sum_by_owner(part, [owners[i] for i in idx], n_components)
+            part = sums if plan.all_on_one else sums[idx_t.to(sums.device)]
+        if w is not None:
+            part = part * w.to(part.device)
+        per_comp = _sum_columns(part, cols, n_components)
         totals = per_comp if totals is None else totals + per_comp.to(totals.device)
     if totals is None:  # this rank measured nothing; it still joins the collective
-        totals = torch.zeros(n_components, dtype=torch.float32,
-                             device=_group_device(group))
-    vec = torch.cat([totals.double(), torch.tensor(numel + seen, dtype=torch.float64).to(totals.device)])
-    values = dist_utils.all_reduce_sum(vec, group).tolist()  # the one host sync of a check
-    out: list[Optional[float]] = []
-    for c in range(n_components):
-        v, n, measured = values[c], values[n_components + c], values[2 * n_components + c]
-        if not measured or n <= 0:  # no gradient, or only empty tensors: no reading, not a zero
-            out.append(None)
-            continue
-        if reduction == "mean":
-            v = v / n
-        out.append(math.sqrt(v) if ord == 2 and v >= 0 else v)
-    return out
+        totals = torch.zeros(n_components, dtype=torch.float32, device=plan.counts.device)
+    vec = torch.cat([totals.double(), plan.counts.to(totals.device)])
+    vec = dist_utils.all_reduce_sum(vec, group)
+    # per component, as doubles: v / numel (mean), sqrt for ord 2 (a negative v, impossible for
+    # Σx², is left as it is); IEEE division and sqrt are exact-rounded, so these are the bits the
+    # Python float arithmetic gives, in a few tensor ops instead of a loop
+    v, n, measured = vec[:n_components], vec[n_components:2 * n_components], vec[2 * n_components:]
+    if reduction == "mean":
+        v = v / torch.where(n > 0, n, 1.0)
+    if ord == 2:
+        v = torch.where(v >= 0, v.sqrt(), v)
+    # no gradient, or only empty tensors: no reading, not a zero
+    values, ok = torch.stack([v, ((measured != 0) & (n > 0)).double()]).tolist()  # the one host sync of a check
+    return [x if k else None for x, k in zip(values, ok)]
 
 
 def _group_device(group) -> torch.device:

@@ -182,6 +182,8 @@ class GradESOptimizer(torch.optim.Optimizer):
         self._last = [None] * len(self.components)  # each component's latest CheckRecord
         self._freeze_version = 0  # bumped whenever the freeze set changes: the _Layout cache key
         self._layout_cache: Optional[_Layout] = None
+        self._owner_plan: Optional[tuple] = None  # (key, magnitudes.OwnerPlan) of the last measured set
+        self._copy_bufs: dict = {}  # slot -> (key, buffers): the metrics' weight / gradient copies, reused
         self._step = 0
         self.history: list[CheckRecord] = []
         self.last_check: list[CheckRecord] = []  # the live components' records of the latest check
@@ -361,10 +363,32 @@ class GradESOptimizer(torch.optim.Optimizer):
         still = {id(p) for g in self._zero_lr_groups() for p in self.param_groups[g]["params"]}
         live = [(c, p) for c, p in live if id(p) not in still]
         if not window.active:
-            return live, [p.detach().clone() for _, p in live]
+            return live, self._reused_copies("weight", live, [p.detach() for _, p in live])
         # a matrix that had no gradient when the window opened has no reading
         live = [(c, p) for c, p in live if _PREV_WEIGHT in self.state.get(p, {})]
         return live, [self.state[p][_PREV_WEIGHT] for _, p in live]
+
+    def _reused_copies(self, slot: str, live, tensors) -> list:
+        """Copies of ``tensors`` (one per ``live`` pair), written into the buffers this slot made last time.
+
+        One foreach copy instead of a clone per tensor (a clone costs more host time than the copy
+        itself); the buffers are kept while the layout and the set of params are unchanged, so the
+        peak memory is that of the clones. DTensor (FSDP2) shards are cloned, keeping their placement.
+        """
+        key = (self._layout(), tuple(id(p) for _, p in live))
+        cached = self._copy_bufs.pop(slot, None)  # dropped first: a rebuild never holds two sets
+        if (cached is not None and cached[0][0] is key[0] and cached[0][1] == key[1]
+                and not (tensors and hasattr(tensors[0], "to_local"))):
+            try:
+                torch._foreach_copy_(cached[1], tensors)
+                self._copy_bufs[slot] = cached
+                return cached[1]
+            except RuntimeError:  # a storage swapped for another shape: new buffers
+                pass
+        del cached
+        bufs = [t.detach().clone() for t in tensors]
+        self._copy_bufs[slot] = (key, bufs)
+        return bufs
 
     def _zero_lr_groups(self) -> set:
         """Indices of the groups stepping at lr=0 now (the first step of a linear warm-up).
@@ -386,10 +410,17 @@ class GradESOptimizer(torch.optim.Optimizer):
         return out
 
     def _measure(self, tensors, live, others=None, sums=None) -> list[Optional[float]]:
-        return mag.component_magnitudes(tensors, [c for c, _ in live], len(self.components),
-                                        mag.METRIC_ORD[self.metric], self.reduction, impl=self.impl,
-                                        group=dist_utils.resolve_group(self.process_group), others=others,
-                                        sums=sums)
+        group = dist_utils.resolve_group(self.process_group)
+        owners = [c for c, _ in live]
+        # the owner plan depends only on which params are measured (their sizes, devices, shards):
+        # kept while the layout and that set are unchanged, so a check costs no per-tensor Python
+        key = (self._layout(), id(group), tuple(map(id, (p for _, p in live))))
+        cached = self._owner_plan
+        if cached is None or cached[0][0] is not key[0] or cached[0][1:] != key[1:]:
+            cached = self._owner_plan = (key, mag.OwnerPlan(tensors, owners, len(self.components), group))
+        return mag.component_magnitudes(tensors, owners, len(self.components), mag.METRIC_ORD[self.metric],
+                                        self.reduction, impl=self.impl, group=group, others=others, sums=sums,
+                                        plan=cached[1])
 
     def _measure_grad_delta(self, live):
         have = [(c, p) for c, p in live if _PREV_GRAD in self.state.get(p, {})]
@@ -410,13 +441,18 @@ class GradESOptimizer(torch.optim.Optimizer):
         # Only the gradient of the step right before a check is needed.
         # Frozen components' copies went at their freeze (_freeze pops them), so live ones suffice.
         keep = (self._step + 1) % self.check_interval == 0
-        has_grad = {id(p) for _, p in live}
-        for _, p in self._layout().live:
-            st = self.state.get(p)
-            if keep and id(p) in has_grad:
-                self.state[p][_PREV_GRAD] = p.grad.detach().clone()
-            elif st and _PREV_GRAD in st:
-                del st[_PREV_GRAD]
+        have = [(c, p) for c, p in live if p.grad is not None] if keep else []
+        copies = self._reused_copies("grad", have, [p.grad for _, p in have]) if have else []
+        state = self.state
+        for (_, p), copy in zip(have, copies):
+            state[p][_PREV_GRAD] = copy
+        live_params = self._layout().live
+        if len(have) < len(live_params):  # the others' copies go (all of them between checks)
+            kept = {id(p) for _, p in have}
+            for _, p in live_params:
+                st = state.get(p)
+                if st and _PREV_GRAD in st and id(p) not in kept:
+                    del st[_PREV_GRAD]
 
     def _check(self, values: list[Optional[float]]) -> None:
         live = self._layout().live_cids  # the rule runs over live components only: frozen is final
@@ -428,16 +464,17 @@ class GradESOptimizer(torch.optim.Optimizer):
                            "they are not frozen on this reading", self._step, len(bad), ", ".join(bad[:5]))
         newly, records = [], []
         step, cfg, states, last, nan = self._step, self._cfg, self._states, self._last, float("nan")
+        comps, new = self.components, tuple.__new__  # records from plain tuples: per component per check
         for c in live:
-            comp, metric = self.components[c], values[c]
+            comp, metric = comps[c], values[c]
             state, value, threshold = decide(states[c], metric, step, cfg)
             states[c] = state
-            frozen = state.frozen_at is not None
+            frozen = state[0] is not None  # frozen_at
             if frozen:
                 newly.append(c)
-            last[c] = record = CheckRecord(step, comp.name, comp.kind, nan if metric is None else metric,
-                                           nan if value is None else value, nan if threshold is None else threshold,
-                                           frozen)
+            last[c] = record = new(CheckRecord, (step, comp.name, comp.kind, nan if metric is None else metric,
+                                                 nan if value is None else value,
+                                                 nan if threshold is None else threshold, frozen))
             records.append(record)
         self.last_check = records
         if not self._warned_unmeasured and self._step > self.grace_steps:
@@ -714,7 +751,8 @@ class _WeightWindow:
 
     def open(self, live) -> None:
         if self.opens:
-            self._copies = [(p, p.detach().clone()) for _, p in live]
+            copies = self.opt._reused_copies("window", live, [p.detach() for _, p in live])
+            self._copies = [(p, copy) for (_, p), copy in zip(live, copies)]
 
     def close(self, check: bool) -> None:
         opt = self.opt

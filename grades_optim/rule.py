@@ -67,28 +67,39 @@ def threshold_for(state: ComponentState, cfg: RuleConfig) -> Optional[float]:
     return None
 
 
+_new = tuple.__new__  # a NamedTuple built from a plain tuple, without its Python-level __new__
+_isfinite = math.isfinite
+
+
 def decide(state: ComponentState, metric: Optional[float], step: int, cfg: RuleConfig):
     """One check of one component. Returns ``(new_state, compared_value, threshold)``."""
-    # States are built positionally (frozen_at, below, smoothed, ref_sum, ref_count, ref_first):
-    # this runs once per live component per check, where _replace would cost several times more.
+    # This runs once per live component per check (thousands a step for MoE models), so states
+    # are built positionally from plain tuples (frozen_at, below, smoothed, ref_sum, ref_count,
+    # ref_first) and the threshold is formed inline; threshold_for is the readable form of it.
     frozen_at, below, smoothed, ref_sum, ref_count, ref_first = state
     if frozen_at is not None:
         return state, None, threshold_for(state, cfg)
-    if not _finite(metric):
-        return ComponentState(None, 0, smoothed, ref_sum, ref_count, ref_first), None, threshold_for(state, cfg)
-    value = metric if cfg.ema <= 0 or smoothed is None else cfg.ema * smoothed + (1.0 - cfg.ema) * metric
+    if metric is None or not _isfinite(metric):
+        return _new(ComponentState, (None, 0, smoothed, ref_sum, ref_count, ref_first)), None, threshold_for(state, cfg)
+    ema = cfg.ema
+    value = metric if ema <= 0 or smoothed is None else ema * smoothed + (1.0 - ema) * metric
     if step < cfg.grace_steps:
-        state = ComponentState(None, 0, value, ref_sum + value, ref_count + 1, ref_first)
+        state = _new(ComponentState, (None, 0, value, ref_sum + value, ref_count + 1, ref_first))
         return state, value, threshold_for(state, cfg)
-    threshold = threshold_for(state, cfg)
-    if threshold is None:
+    if cfg.tau_mode == "absolute":
+        threshold = cfg.tau
+    elif ref_count > 0:
+        threshold = cfg.tau * (ref_sum / ref_count)
+    elif ref_first is not None:
+        threshold = cfg.tau * ref_first
+    else:
         # relative mode with no grace reading: this first reading becomes the reference; a value
         # is never "below a fraction of itself" for tau <= 1, so it cannot freeze here.
-        state = ComponentState(None, 0, value, ref_sum, ref_count, value)
+        state = _new(ComponentState, (None, 0, value, ref_sum, ref_count, value))
         return state, value, threshold_for(state, cfg)
     below = below + 1 if value < threshold else 0
     frozen_at = step if below >= cfg.patience else None
-    return ComponentState(frozen_at, below, value, ref_sum, ref_count, ref_first), value, threshold
+    return _new(ComponentState, (frozen_at, below, value, ref_sum, ref_count, ref_first)), value, threshold
 
 
 def decide_all(states: Sequence[ComponentState], metrics: Sequence[Optional[float]], step: int,

@@ -15,7 +15,8 @@ import torch
 from . import available
 from .checks import SUPPORTED_DTYPES as _TRITON_DTYPES
 
-__all__ = ["IMPLS", "resolve_impl", "tensor_sums", "tensor_delta_sums", "fused_adamw_step", "fused_sgd_step", "decide",
+__all__ = ["IMPLS", "resolve_impl", "tensor_sums", "tensor_delta_sums", "fused_adamw_step", "prepared_adamw", "fused_sgd_step",
+           "decide",
            "torch_tensor_sums", "torch_tensor_delta_sums"]
 
 IMPLS = ("auto", "torch", "triton")
@@ -108,6 +109,18 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
 
     return fused_adamw.fused_adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, active, checked=checked,
                                         **hyper)
+
+
+def prepared_adamw(params, grads, exp_avgs, exp_avg_sqs, counters, **kw):
+    """``fused_adamw.PreparedAdamW``: the Triton step of one fixed tensor set at O(1) host cost per call.
+
+    Triton only: it exists for the wrapper's fused path, which has resolved the impl already (the
+    torch twin's per-tensor cost is the torch ops themselves, which no preparation removes).
+    """
+    resolve_impl("triton", list(params))
+    from . import fused_adamw  # lazy: imports triton
+
+    return fused_adamw.PreparedAdamW(params, grads, exp_avgs, exp_avg_sqs, counters, **kw)
 
 
 def fused_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list, active, *,

@@ -47,11 +47,12 @@ import triton
 import triton.language as tl
 
 from . import step_plan
-from .fused_adamw_twin import _coefficients, _validate, device_coefficients, torch_fused_adamw_step
+from .fused_adamw_twin import (_coefficients, _host_coefficient, _validate, check_ord, coefficients_of,
+                                device_coefficients, host_coefficients, torch_fused_adamw_step)
 from .tensor_sums import (DEFAULT_CHUNK_SIZE, _check_chunk, _check_device, _chunk_ptr, launch_config,
                           _TL_DTYPES, to_device)
 
-__all__ = ["fused_adamw_step", "torch_fused_adamw_step"]
+__all__ = ["fused_adamw_step", "torch_fused_adamw_step", "PreparedAdamW"]
 
 
 @triton.jit
@@ -208,6 +209,13 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         ss, b2, inv_bc1 = to_device(torch.tensor(coef, dtype=torch.float32), device).split([n, n, len(coef) - 2 * n])
     plan = step_plan.get_plan(lists[:4], None if device_flags else host_active, [0] * n, chunk, device)
     flags = active if device_flags else plan.active
+    return _launch(plan, flags, ss, b2, inv_bc1, n, device, chunk, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                   weight_decay=weight_decay, decoupled=decoupled, maximize=maximize, ord=ord, metric=metric,
+                   states_in_param_dtype=states_in_param_dtype)
+
+
+def _launch(plan, flags, ss, b2, inv_bc1, n, device, chunk, *, lr, beta1, beta2, eps, weight_decay, decoupled,
+            maximize, ord, metric, states_in_param_dtype):
     block, warps = launch_config("fused_adamw", chunk)
     out = step_plan.launch(plan, flags, metric, n, device, lambda g, partials: _fused_adamw_kernel[(g.n_blocks,)](
         *plan.addrs, plan.numel, plan.block_tensor, plan.block_chunk, flags, ss, b2, partials, g.block_base,
@@ -215,4 +223,66 @@ def fused_adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         S_DTYPE=_TL_DTYPES[g.dtype] if states_in_param_dtype else tl.float32, DECOUPLED=decoupled,
         MAXIMIZE=maximize, ORD=ord, CHUNK=chunk, BLOCK=block,
         ALIGNED=g.aligned, num_warps=warps))
-    return out * inv_bc1 if want_inv else out  # Σ|m/denom| → Σ|m̂/(√v̂+ε)|
+    return out * inv_bc1 if ord == 4 and metric else out  # Σ|m/denom| → Σ|m̂/(√v̂+ε)|
+
+
+class PreparedAdamW:
+    """One checked tensor set of :func:`fused_adamw_step`, stepped again and again at O(1) host cost.
+
+    For a caller that steps the same tensors step after step (the wrapper's fused path between two
+    freezes): the argument checks and the launch table are done once, here, not per call. Every
+    tensor is active. ``counters`` is one 1-D float tensor with the ``n`` step counters (torch's
+    per-parameter ``step`` states may be 0-d views of it): a call advances them all in one op and
+    forms the bias corrections once — CPU counters: one host read of the table and, per distinct
+    value, torch's own Python doubles; device counters (``device_steps``): ``coefficients_of`` on
+    the device, no host read. The results, states and counters equal :func:`fused_adamw_step`'s
+    bit for bit. The tensors must keep their addresses: the caller prepares again when they change.
+    """
+
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, counters: torch.Tensor, *, device_steps: bool = False,
+                 states_in_param_dtype: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        n = len(params)
+        if not torch.is_tensor(counters) or counters.dim() != 1 or counters.numel() != n \
+                or not counters.dtype.is_floating_point:
+            raise ValueError(f"counters must be a 1-D float tensor of {n} step counters; got "
+                             f"{getattr(counters, 'dtype', type(counters))} {tuple(getattr(counters, 'shape', ()))}")
+        lists = _validate(params, grads, exp_avgs, exp_avg_sqs, [counters[i] for i in range(n)], [True] * n, 1,
+                          device_steps, states_in_param_dtype)
+        # the launch table holds raw addresses: these references keep the memory behind them alive
+        self.tensors = lists[:4]
+        self.n, self.counters, self.device_steps = n, counters, device_steps
+        self.states_in_param_dtype = states_in_param_dtype
+        self.chunk = _check_chunk(chunk_size)
+        self.device = _check_device("params", lists[0] + lists[1] + lists[2] + lists[3]) if n else None
+        step_plan.check_contiguous(("params", "grads", "exp_avgs", "exp_avg_sqs"), lists[:4])
+        self.plan = step_plan.get_plan(lists[:4], None, [0] * n, self.chunk, self.device) if n else None
+
+    def step(self, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
+             maximize: bool = False, ord: int = 1, metric: bool = True) -> Optional[torch.Tensor]:
+        """One step of every tensor; Σ per tensor as :func:`fused_adamw_step` returns it."""
+        check_ord(ord, moments=True)
+        n = self.n
+        if n == 0:
+            return torch.zeros(0, dtype=torch.float32) if metric else None
+        want_inv = ord == 4 and metric
+        self.counters.add_(1)
+        if self.device_steps:
+            ss, b2, inv_bc1 = (None if t is None else t.float()
+                               for t in coefficients_of(self.counters.double(), lr, beta1, beta2, inv=want_inv))
+        else:
+            ss, b2, inv_bc1 = self._host_coefficients(lr, beta1, beta2, want_inv)
+        return _launch(self.plan, self.plan.active, ss, b2, inv_bc1, n, self.device, self.chunk, lr=lr, beta1=beta1,
+                       beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, maximize=maximize,
+                       ord=ord, metric=metric, states_in_param_dtype=self.states_in_param_dtype)
+
+    def _host_coefficients(self, lr, beta1, beta2, want_inv):
+        ks = self.counters.tolist()  # CPU counters: no device sync
+        lo, hi = min(ks), max(ks)
+        n, device = self.n, self.device
+        if lo == hi:  # the usual case: one value, one set of coefficients, filled where the kernel reads them
+            coef = _host_coefficient(lo, lr, beta1, beta2)[:3 if want_inv else 2]
+            return (*(torch.full((n,), c, dtype=torch.float32, device=device) for c in coef),
+                    *(() if want_inv else (None,)))
+        step_size, bc2_sqrt, inv = host_coefficients(ks, lr, beta1, beta2)
+        coef = step_size + bc2_sqrt + (inv if want_inv else [])
+        return to_device(torch.tensor(coef, dtype=torch.float32), device).split([n, n, len(coef) - 2 * n])

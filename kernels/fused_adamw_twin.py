@@ -81,14 +81,22 @@ def _coefficients(steps, active, lr, beta1, beta2):
     live = [s for s, a in zip(steps, active) if a]
     if live:
         torch._foreach_add_(live, 1)
-    ks = [s.item() for s in steps]
+    return host_coefficients([s.item() for s in steps], lr, beta1, beta2)
+
+
+def host_coefficients(ks, lr, beta1, beta2):
+    """Per step value ``k``: (step_size, sqrt(bias_correction2), 1/bias_correction1) lists, once per distinct k."""
     memo = {}
     for k in ks:
         if k not in memo:
-            # Python doubles, exactly as torch's _single_tensor_adam computes them (k=0 only when frozen).
-            bc1 = 1 - beta1 ** k
-            memo[k] = (lr / bc1, math.sqrt(1 - beta2 ** k), 1 / bc1) if k > 0 else (0.0, 1.0, 0.0)
+            memo[k] = _host_coefficient(k, lr, beta1, beta2)
     return [memo[k][0] for k in ks], [memo[k][1] for k in ks], [memo[k][2] for k in ks]
+
+
+def _host_coefficient(k, lr, beta1, beta2):
+    # Python doubles, exactly as torch's _single_tensor_adam computes them (k=0 only when frozen).
+    bc1 = 1 - beta1 ** k
+    return (lr / bc1, math.sqrt(1 - beta2 ** k), 1 / bc1) if k > 0 else (0.0, 1.0, 0.0)
 
 
 def device_coefficients(steps, active, lr, beta1, beta2, inv: bool = False):
@@ -104,7 +112,11 @@ def device_coefficients(steps, active, lr, beta1, beta2, inv: bool = False):
     live = [s for s, a in zip(steps, active) if a]
     if live:
         torch._foreach_add_(live, 1)
-    k = torch.stack([s.reshape(()) for s in steps]).double()
+    return coefficients_of(torch.stack([s.reshape(()) for s in steps]).double(), lr, beta1, beta2, inv)
+
+
+def coefficients_of(k: torch.Tensor, lr, beta1, beta2, inv: bool = False):
+    """``device_coefficients`` of float64 step values ``k`` (where they are): a few ops, no host read."""
     bc1 = 1 - torch.pow(beta1, k)
     inv_bc1 = torch.where(k > 0, bc1.reciprocal(), 0.0) if inv else None
     return lr / bc1, torch.sqrt(1 - torch.pow(beta2, k)), inv_bc1

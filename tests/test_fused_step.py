@@ -65,6 +65,16 @@ def _assert_same_history(ref, fast, since=0):
         assert (math.isnan(a.metric) and math.isnan(b.metric)) or b.metric == pytest.approx(a.metric, rel=1e-5)
 
 
+def _assert_same_states(ref_model, ref, model, fast):
+    for p_ref, p in zip(ref_model.parameters(), model.parameters()):  # same state keys, dtypes, devices
+        st_ref, st = ref.state.get(p_ref, {}), fast.state.get(p, {})
+        assert st.keys() == st_ref.keys()
+        for key in st:
+            assert (st[key].dtype, st[key].device, st[key].shape) == (st_ref[key].dtype, st_ref[key].device,
+                                                                      st_ref[key].shape)
+            torch.testing.assert_close(st[key], st_ref[key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("inner, metric", [("adamw", "grad_l1"), ("adam_l2_maximize", "grad_l2"),
                                            ("sgd_momentum", "grad_l1"), ("sgd_nesterov", "grad_l2"),
                                            ("adamw_fused", "grad_l1"), ("adamw_fused", "grad_l2")])
@@ -85,13 +95,7 @@ def test_fused_path_matches_reference_path(inner, metric):
                 assert torch.equal(p, snap) and p.grad is None and not p.requires_grad
                 assert all(v.numel() <= 1 for v in fast.state.get(p, {}).values())
     assert fast.released_state_bytes == ref.released_state_bytes > 0
-    for p_ref, p in zip(ref_model.parameters(), model.parameters()):  # same state keys, dtypes, devices
-        st_ref, st = ref.state.get(p_ref, {}), fast.state.get(p, {})
-        assert st.keys() == st_ref.keys()
-        for key in st:
-            assert (st[key].dtype, st[key].device, st[key].shape) == (st_ref[key].dtype, st_ref[key].device,
-                                                                      st_ref[key].shape)
-            torch.testing.assert_close(st[key], st_ref[key], rtol=1e-5, atol=1e-6)
+    _assert_same_states(ref_model, ref, model, fast)
 
 
 @pytest.mark.parametrize("inner", ["adamw", "sgd_momentum"])
@@ -204,6 +208,79 @@ def test_state_dicts_move_between_fused_reference_and_plain_torch(inner):
             torch.testing.assert_close(back.state[p][key], v)
 
 
+def _stable_run(inner, impl, metric, steps=22, events=None, spy=None, shift=6):
+    """_run with every gradient written into one buffer per param (stable addresses, as the caching
+    allocator gives), so the fused path reaches its prepared steady state; the freeze waves come
+    ``shift`` steps later than _run's; ``events[s](model, opt)`` runs after step ``s``'s gradients are in place."""
+    model = make_model()
+    opt = GradESOptimizer(INNERS[inner](model.parameters()), model=model, impl=impl, metric=metric,
+                          **{**RULE, "grace_steps": shift + 4})
+    bufs, hot = {}, 0
+    for s in range(steps):
+        inject(model, s, _scales(s - shift))
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                bufs.setdefault(n, p.grad).copy_(p.grad)
+                p.grad = bufs[n]
+        (events or {}).get(s, lambda m, o: None)(model, opt)
+        before = len(spy) if spy is not None else 0
+        opt.step()
+        hot += spy is not None and len(spy) > before
+    return model, opt, hot
+
+
+def _drop_one_grad(model, opt):
+    opt._layout().live[0][1].grad = None  # one step with a tracked matrix unmeasured: the full path
+
+
+def _fresh_grad(model, opt):
+    p = opt._layout().live[0][1]
+    p.grad = p.grad * 2  # a new gradient tensor at a new address: the launch table must not read the old one
+
+
+def _reload_inner(model, opt):
+    opt.optimizer.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))  # new groups and states
+
+
+def _replace_state(model, opt):
+    # the same groups, a new state mapping (as an inner load_state_dict makes): never step stale tensors
+    state = opt.optimizer.state
+    opt.optimizer.state = type(state)(state.default_factory,
+                                      {p: {k: v.clone() for k, v in st.items()} for p, st in state.items()})
+
+
+@pytest.mark.parametrize("inner, metric", [("adamw", "update_snr"), ("adamw_fused", "grad_l1"),
+                                           ("adam_l2_maximize", "grad_l2")])
+def test_prepared_steady_state_matches_reference_path(monkeypatch, inner, metric):
+    """Between changes the fused path steps a prepared set (PreparedAdamW, counters in one tensor): the
+    same readings, freezes, params and states as the reference path, through freezes, a step with a
+    missing gradient, one with a new gradient tensor, an inner load_state_dict and a replaced state
+    mapping; the states load
+    into plain torch and its `step` counters keep their dtype and device."""
+    from grades_optim.kernels import fused_adamw
+
+    calls = []
+    real = fused_adamw.PreparedAdamW.step
+    monkeypatch.setattr(fused_adamw.PreparedAdamW, "step", lambda self, **k: calls.append(1) or real(self, **k))
+    # each lands on a prepared step (a change costs two full steps; nothing freezes before step 11)
+    events = {3: _replace_state, 6: _reload_inner, 9: _drop_one_grad, 12: _fresh_grad}
+    ref_model, ref, _ = _stable_run(inner, "torch", metric, events=events)
+    model, fast, hot = _stable_run(inner, "triton", metric, events=events, spy=calls)
+    assert fast.fast_path.startswith("triton fused"), fast.fast_path_reason
+    assert hot >= 5, hot  # the steady state ran between the changes and the freeze waves
+    _assert_same_history(ref, fast)
+    frozen_at = [c.frozen_at_step for c in ref.components]
+    assert len({s for s in frozen_at if s}) >= 2, frozen_at  # freezes at several steps, mid-run
+    for (name, a), b in zip(ref_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    _assert_same_states(ref_model, ref, model, fast)
+    back = INNERS[inner](model.parameters())
+    back.load_state_dict(copy.deepcopy(fast.optimizer.state_dict()))
+    for p in model.parameters():
+        for key, v in fast.state.get(p, {}).items():
+            torch.testing.assert_close(back.state[p][key], v)
+
+
 def _fallback_case(case):
     model = make_model()
     ps, kw = model.parameters(), {}
@@ -303,7 +380,8 @@ def test_non_check_steps_read_nothing_back_cpu(monkeypatch, metric):
             p.grad = grads[n]
         opt.step()
     builds = step_plan.stats["builds"]
-    steps = {id(st["step"]) for st in opt.state.values() if "step" in st}
+    # the counters themselves: each state's `step`, and the one table they are views of (_bulk_counters)
+    steps = {id(t) for st in opt.state.values() if "step" in st for t in (st["step"], st["step"]._base)}
     calls = _host_reads(monkeypatch, steps)
     for s in range(8, 11):  # steps 9, 10, 11: no check
         for p in model.parameters():

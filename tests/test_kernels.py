@@ -712,6 +712,66 @@ def test_fused_adamw_device_steps_equal_cpu_steps_without_host_reads():
 
 
 @pytest.mark.usefixtures("several_tiles")
+@pytest.mark.parametrize("device_steps, dtype, ord", [(False, torch.float32, 1), (False, torch.float32, 4),
+                                                      (True, torch.float32, 2), (True, torch.bfloat16, 4),
+                                                      (False, torch.bfloat16, 1)])
+def test_prepared_adamw_equals_fused_adamw_step(device_steps, dtype, ord):
+    """PreparedAdamW (checked once, counters in one tensor, O(1) host work a call) gives fused_adamw_step's
+    params, moments, counters and sums bit for bit: uniform counters, then counters that differ (one
+    tensor joined later), metric on and off; bf16 with moments in the param dtype."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(37,), (16, 9), (1,), (300,)]
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    start = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(5)]
+    sdt = dtype  # bf16: torch's layout, moments in the param dtype
+    runs = []
+    for prepared in (False, True):
+        params = [p.clone() for p in start]
+        m, v = [torch.zeros(s, dtype=sdt) for s in shapes], [torch.zeros(s, dtype=sdt) for s in shapes]
+        counters = torch.tensor([3.0, 3.0, 0.0, 3.0])  # tensor 2 joins late: its counter lags behind
+        steps = [counters[i] for i in range(len(shapes))]
+        g = [torch.empty(s, dtype=dtype) for s in shapes]
+        run = None
+        sums = []
+        for k, values in enumerate(grads):
+            for buf, x in zip(g, values):
+                buf.copy_(x)
+            call = dict(ord=ord, metric=k % 2 == 0, **hp)
+            if prepared:
+                if run is None:
+                    run = F.PreparedAdamW(params, g, m, v, counters, device_steps=device_steps,
+                                          states_in_param_dtype=dtype != torch.float32, chunk_size=64)
+                sums.append(run.step(**call))
+            else:
+                sums.append(F.fused_adamw_step(params, g, m, v, steps, [True] * 4, chunk_size=64,
+                                               device_steps=device_steps,
+                                               states_in_param_dtype=dtype != torch.float32, **call))
+        runs.append((params, m, v, [counters], sums))
+    for host, prep in zip(*runs):
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(host, prep))
+    assert runs[1][3][0].tolist() == [8.0, 8.0, 5.0, 8.0]
+    with pytest.raises(ValueError, match="counters must be a 1-D float tensor of 4"):
+        F.PreparedAdamW(runs[1][0], g, runs[1][1], runs[1][2], torch.zeros(3))
+    with pytest.raises(ValueError, match="grads"):
+        F.PreparedAdamW(runs[1][0], g[:3], runs[1][1], runs[1][2], torch.zeros(4))
+
+
+@pytest.mark.usefixtures("several_tiles")
+def test_prepared_adamw_uniform_counters_take_one_coefficient_set(monkeypatch):
+    """Uniform CPU counters: the bias corrections are formed once per call, not once per tensor."""
+    seen = []
+    real = F._host_coefficient
+    monkeypatch.setattr(F, "_host_coefficient", lambda *a: seen.append(a[0]) or real(*a))
+    params = [torch.randn(10) for _ in range(6)]
+    run = F.PreparedAdamW(params, [torch.randn(10) for _ in params], [torch.zeros(10) for _ in params],
+                          [torch.zeros(10) for _ in params], torch.zeros(6), chunk_size=64)
+    for _ in range(3):
+        run.step(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    assert seen == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.usefixtures("several_tiles")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_adamw_update_snr_matches_the_reference_reading(dtype):
     """ord=4: Σ|m̂/(√v̂+ε)| from the pass's own fp32 moments, against the twin and against the
