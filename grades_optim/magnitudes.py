@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import distributed as dist_utils
+from .kernels.dispatch import IMPLS  # defined once, where the dispatch happens (imports no triton)
 
 __all__ = ["sum_by_owner", "METRICS", "REDUCTIONS", "IMPLS", "tensor_sums", "component_magnitudes", "update_snr_sums"]
 
@@ -27,7 +28,6 @@ METRIC_ORD = {"grad_l1": 1, "grad_l2": 2, "grad_delta_l1": 1, "weight_delta_l1":
 # metrics read from the inner optimizer's Adam moments (its state must have these keys)
 MOMENT_METRICS = {"update_snr": ("exp_avg", "exp_avg_sq", "step")}
 REDUCTIONS = ("sum", "mean")
-IMPLS = ("auto", "torch", "triton")
 
 
 def _single_tensor_sums(tensors: Sequence[torch.Tensor], ord: int) -> torch.Tensor:

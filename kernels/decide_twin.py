@@ -49,14 +49,15 @@ class DecideState(NamedTuple):
                    col(lambda s: int(s.frozen_at is None), torch.int32))
 
     def to_rule(self) -> list:
-        from grades_optim.rule import ComponentState  # the rule is plain Python: no cycle, no triton
+        """Per component a plain tuple in ``grades_optim.rule.ComponentState``'s field order (frozen_at,
+        below, smoothed, ref_sum, ref_count, ref_first): ``ComponentState(*t)`` reads it, and it
+        compares equal to one. Plain tuples: ``kernels/`` imports nothing from ``grades_optim``."""
 
         def opt(x):
             return None if math.isnan(x) else x
 
         cols = [t.tolist() for t in self[:6]]
-        return [ComponentState(None if fa < 0 else fa, b, opt(s), rs, rc, opt(rf))
-                for fa, b, s, rs, rc, rf in zip(*cols)]
+        return [(None if fa < 0 else fa, b, opt(s), rs, rc, opt(rf)) for fa, b, s, rs, rc, rf in zip(*cols)]
 
 
 def check_args(sums, comp_start, comp_count, numel, state, ord, reduction, tau_mode) -> None:
