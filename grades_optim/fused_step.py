@@ -5,7 +5,8 @@ When it applies. ``impl`` resolves to Triton for the tracked parameters (``"trit
 (decoupled or L2 weight decay, per-group lr/betas/eps/weight_decay, ``maximize``; ``fused=True`` /
 ``capturable=True``, whose ``step`` counters torch keeps on the device, advance them there) or
 ``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay, ``maximize``; ``fused=True`` is
-replaced by the kernel), and the metric is ``grad_l1``, ``grad_l2``, ``weight_delta_l1`` or (Adam)
+replaced by the kernel), with plain or (Adam) FSDP2 DTensor parameters, whose local shards the
+kernel steps in place, and the metric is ``grad_l1``, ``grad_l2``, ``weight_delta_l1`` or (Adam)
 ``update_snr``, the library default, read from the moments the pass has just written. Then each step:
 
 1. the live tracked parameters with a gradient are updated by ``kernels.fused_adamw`` /
@@ -124,11 +125,22 @@ def device_steps(group: dict) -> bool:
     return bool(group.get("fused") or group.get("capturable"))
 
 
+def _local(t):
+    # FSDP2 DTensor: the rank's shard (under no_grad the DTensor's own local tensor, a stable object
+    # sharing its storage, so the kernel's in-place update is the DTensor's)
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _param_reason(kind: str, p: torch.Tensor, state: dict, device: torch.device,
                   on_device: bool = False) -> Optional[str]:
     g = p.grad
-    if hasattr(p, "to_local"):
-        return "DTensor (FSDP2) parameters"
+    if hasattr(p, "to_local") or hasattr(g, "to_local"):
+        if kind != "adam":
+            return "DTensor (FSDP2) parameters with SGD (the fused path takes them with Adam/AdamW)"
+        if not (hasattr(p, "to_local") and hasattr(g, "to_local")):
+            return "a DTensor parameter with a plain gradient (or the reverse)"
+        state = {k: _local(v) if k != "step" else v for k, v in state.items()}
+        p, g = p.to_local(), g.to_local()
     if p.dtype not in _PARAM_DTYPES or g.dtype != p.dtype:
         return f"{p.dtype} parameters with {g.dtype} gradients (the fused path takes fp32, bf16 or fp16, one dtype)"
     if p.device != device or g.device != device:
@@ -155,6 +167,7 @@ class _Hot(NamedTuple):
     layout: object  # the wrapper's _Layout it was prepared on (groups and freeze set)
     state: dict  # the inner optimizer's state dict object (load_state_dict replaces it)
     params: list  # every live tracked param, in launch order
+    local: Optional[list]  # DTensor (FSDP2) params: their local shards (else None: the params themselves)
     ptrs: tuple  # their data addresses, then their gradients'
     ordered: list  # (component, param) in launch order
     runs: list  # (group index, PreparedAdamW)
@@ -218,6 +231,8 @@ class FusedStep:
                 return reason
         if hit:
             return None
+        if opt.metric == "weight_delta_l1" and opt.check_interval > 1 and any(hasattr(p, "to_local") for p in params):
+            return "DTensor (FSDP2) parameters with weight_delta_l1 over check_interval > 1 (a weight copy per window)"
         device = params[0].device if params else None
         where = opt._layout().group_of
         layouts: dict[int, set] = {}  # Adam groups: where the moments of bf16/fp16 params live
@@ -244,7 +259,7 @@ class FusedStep:
         opt = self.opt
         live = opt._live_tracked_with_grad()
         # an empty gradient has address 0: its parameter's identity stands in, so two sets differ
-        key = (opt._layout(), tuple(p.grad.data_ptr() or id(p) for _, p in live))
+        key = (opt._layout(), tuple(_local(p.grad).data_ptr() or id(p) for _, p in live))
         hit = self._ok is not None and key[0] is self._ok[0] and key[1] == self._ok[1]
         if not hit:
             self._ok, self._lists = None, {}
@@ -311,14 +326,17 @@ class FusedStep:
             params = [p for _, p in items]
             exp_avgs, exp_avg_sqs, _, _, in_param_dtype = self._lists[g]
             counters = _bulk_counters(opt.state, params)
-            runs.append((g, dispatch.prepared_adamw(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, counters,
+            runs.append((g, dispatch.prepared_adamw([_local(p) for p in params], [_local(p.grad) for p in params],
+                                                    exp_avgs, exp_avg_sqs, counters,
                                                     device_steps=device_steps(opt.param_groups[g]),
                                                     states_in_param_dtype=in_param_dtype)))
         params = [p for _, p in ordered]
-        ptrs = tuple(map(torch.Tensor.data_ptr, itertools.chain(params, (p.grad for p in params))))
+        sharded = any(hasattr(p, "to_local") for p in params)
+        local = [_local(p) for p in params] if sharded else params
+        ptrs = tuple(map(torch.Tensor.data_ptr, itertools.chain(local, (_local(p.grad) for p in params))))
         # the full path's lists hold the step tensors the views replaced: it must rebuild them
         self._ok, self._lists = None, {}
-        self._hot = _Hot(key[0], opt.state, params, ptrs, ordered, runs)
+        self._hot = _Hot(key[0], opt.state, params, local if sharded else None, ptrs, ordered, runs)
 
     def _hot_step(self, check: bool):
         """The prepared step, or ``None`` (take the full path) when anything it was prepared on changed."""
@@ -329,7 +347,11 @@ class FusedStep:
             self._hot = None
             return None
         try:  # a missing (None) or sparse gradient raises here: the full path sorts it out
-            ptrs = tuple(map(torch.Tensor.data_ptr, itertools.chain(hot.params, [p.grad for p in hot.params])))
+            if hot.local is None:
+                ptrs = tuple(map(torch.Tensor.data_ptr, itertools.chain(hot.params, [p.grad for p in hot.params])))
+            else:  # DTensor (FSDP2): the shards' addresses
+                ptrs = tuple(map(torch.Tensor.data_ptr,
+                                 itertools.chain(hot.local, [_local(p.grad) for p in hot.params])))
         except (TypeError, RuntimeError):
             return None
         if ptrs != hot.ptrs:
@@ -370,12 +392,13 @@ class FusedStep:
             # param keeps them so (fp32 params have fp32 moments either way)
             in_param_dtype = any(p.dtype != torch.float32 and s["exp_avg"].dtype == p.dtype
                                  for p, s in zip(params, sts))
-            lists = self._lists[g] = ([s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
+            lists = self._lists[g] = ([_local(s["exp_avg"]) for s in sts], [_local(s["exp_avg_sq"]) for s in sts],
                                       [s["step"] for s in sts], [True] * len(params), in_param_dtype)
         exp_avgs, exp_avg_sqs, steps, active, in_param_dtype = lists
         beta1, beta2 = group["betas"]
         return dispatch.fused_adamw_step(
-            params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps, active, lr=group["lr"], beta1=beta1, beta2=beta2,
+            [_local(p) for p in params], [_local(p.grad) for p in params], exp_avgs, exp_avg_sqs, steps, active,
+            lr=group["lr"], beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled=bool(group.get("decoupled_weight_decay", False)), maximize=bool(group["maximize"]),
             ord=self.ord, metric=check, impl="triton", checked=checked, device_steps=on_device,

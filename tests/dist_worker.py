@@ -8,6 +8,8 @@ import datetime
 import os
 import sys
 
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import: the fused FSDP2 scenario runs on CPU
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -66,11 +68,25 @@ def make_opt(model, params=None, **kw):
     return GradESOptimizer(inner, model=model, tau=1e-5, grace_steps=2, **kw)
 
 
+def rescaled_steps(model, opt, n=3):
+    """n more steps on the last gradients, halved in place each time: the gradient tensors (and so
+    their addresses) stay the same from step to step, as the caching allocator gives on a GPU."""
+    for _ in range(n):
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(0.5)
+        opt.step()
+
+
 def reference(out):
     model = make_model()
     opt = make_opt(model)
     train(model, model, opt)
     torch.save({"params": full_params(model), "frozen": freeze_steps(opt)}, os.path.join(out, "reference.pt"))
+    rescaled_steps(model, opt)
+    states = {n: dict(opt.state[p]) for n, p in model.named_parameters() if p in opt.state}
+    torch.save({"params": full_params(model), "frozen": freeze_steps(opt), "states": states},
+               os.path.join(out, "reference_rescaled.pt"))
 
 
 def scenario_ddp(rank, out, find_unused):
@@ -117,6 +133,35 @@ def scenario_fsdp2(rank, out):
                os.path.join(out, f"fsdp2_{rank}.pt"))
 
 
+def scenario_fsdp2_fused(rank, out):
+    """FSDP2 on the fused path: the kernel steps each rank's local shards (impl='triton', interpreted)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = make_model()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    from grades_optim.kernels import fused_adamw
+
+    opt = make_opt(model, impl="triton")
+    train(model, model, opt, rank)
+    calls, real = [], fused_adamw.PreparedAdamW.step
+    fused_adamw.PreparedAdamW.step = lambda self, **k: calls.append(1) or real(self, **k)
+    try:
+        rescaled_steps(model, opt)
+    finally:
+        fused_adamw.PreparedAdamW.step = real
+    states = {n: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in opt.state[p].items()}
+              for n, p in model.named_parameters() if p in opt.state}
+    hot = opt._fused._hot  # the prepared steady state, on the shards
+    torch.save({"params": full_params(model), "frozen": freeze_steps(opt), "fast_path": opt.fast_path,
+                "reason": opt.fast_path_reason, "states": states,
+                "prepared_on_shards": hot is not None and hot.local is not None and len(calls) > 0},
+               os.path.join(out, f"fsdp2_fused_{rank}.pt"))
+
+
 def scenario_dcp(rank, out):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
@@ -157,6 +202,7 @@ def worker(rank, out):
         scenario_ddp(rank, out, find_unused=False)
         scenario_perturbed(rank, out)
         scenario_fsdp2(rank, out)
+        scenario_fsdp2_fused(rank, out)
         scenario_dcp(rank, out)
     except BaseException:
         leave_process_group(wait_for_ranks=False)

@@ -63,6 +63,24 @@ def test_fsdp2_sharded_reductions_match_single_process(results):
         assert_params_close(res["params"], ref["params"])
 
 
+def test_fsdp2_on_the_fused_path_matches_single_process(results):
+    """The fused kernel on FSDP2 shards: each rank steps its local shards, the metric's partial sums are
+    joined across ranks as on the reference path; freezes, parameters and (full) states as one process,
+    through steps on stable gradient shards, which run the prepared steady state."""
+    ref = results("reference_rescaled")
+    for r in range(2):
+        res = results(f"fsdp2_fused_{r}")
+        assert res["fast_path"] and res["fast_path"].startswith("triton fused"), res["reason"]
+        assert res["prepared_on_shards"]  # the rescaled steps kept their gradient shards: the steady state ran
+        assert res["frozen"] == ref["frozen"]
+        assert_params_close(res["params"], ref["params"])
+        assert res["states"].keys() == ref["states"].keys()
+        for n, st in res["states"].items():
+            assert st.keys() == ref["states"][n].keys(), n
+            for k, v in st.items():
+                torch.testing.assert_close(v, ref["states"][n][k], rtol=1e-5, atol=1e-6, msg=f"{n}.{k}")
+
+
 def test_dcp_round_trip_restores_freezes_and_ignores_dry_step(results):
     for r in range(2):
         res = results(f"dcp_{r}")
