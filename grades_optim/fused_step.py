@@ -212,6 +212,8 @@ class FusedStep:
         self._ok: Optional[tuple] = None
         self._lists: dict[int, tuple] = {}
         self._hot: Optional[_Hot] = None  # the prepared steady state (Adam): see _hot_step
+        # (layout, device) for which impl="auto" chose the reference path: not re-asked every step
+        self._torch_for: Optional[tuple] = None
 
     def fallback(self, reason: str) -> None:
         self.opt.fast_path, self.opt.fast_path_reason = None, reason
@@ -224,7 +226,10 @@ class FusedStep:
         opt = self.opt
         params = [p for _, p in live]
         if not hit and dispatch.resolve_impl(opt.impl, params[:1]) != "triton":
-            return f"impl={opt.impl!r} resolves to torch for {params[0].device} tensors" if params else None
+            if not params:
+                return None
+            self._torch_for = (opt._layout(), params[0].device)
+            return f"impl={opt.impl!r} resolves to torch for {params[0].device} tensors"
         for group in opt.param_groups:
             reason = _group_reason(self.kind, group)
             if reason:
@@ -257,6 +262,10 @@ class FusedStep:
         if out is not None:
             return out
         opt = self.opt
+        layout = opt._layout()
+        if self._torch_for is not None and self._torch_for[0] is layout and layout.live \
+                and layout.live[0][1].device == self._torch_for[1]:
+            return None  # impl="auto" with CPU tensors: decided for this layout and device already
         live = opt._live_tracked_with_grad()
         # an empty gradient has address 0: its parameter's identity stands in, so two sets differ
         key = (opt._layout(), tuple(_local(p.grad).data_ptr() or id(p) for _, p in live))
