@@ -19,9 +19,10 @@ from typing import Optional, Sequence
 import torch
 
 from . import distributed as dist_utils
+from .kernels import dispatch
 from .kernels.dispatch import IMPLS  # defined once, where the dispatch happens (imports no triton)
 
-__all__ = ["sum_by_owner", "METRICS", "REDUCTIONS", "IMPLS", "tensor_sums", "component_magnitudes", "update_snr_sums"]
+__all__ = ["CopyBuffers", "sum_by_owner", "METRICS", "REDUCTIONS", "IMPLS", "tensor_sums", "component_magnitudes", "update_snr_sums"]
 
 METRICS = ("grad_l1", "grad_l2", "grad_delta_l1", "weight_delta_l1", "update_snr")
 METRIC_ORD = {"grad_l1": 1, "grad_l2": 2, "grad_delta_l1": 1, "weight_delta_l1": 1, "update_snr": 1}
@@ -67,23 +68,88 @@ def update_snr_sums(params: Sequence[torch.Tensor], states: Sequence[dict], beta
     """
     if not params:
         return torch.zeros(0)
-    # foreach ops: four launches for all tensors, not five per tensor (the per-tensor form cost
-    # ~50 µs a component on the host, and as many GPU launches). With c1 = 1/(1-β1^t) and
-    # c2 = 1/sqrt(1-β2^t): |m·c1| / (sqrt(v)·c2 + ε) = (c1/c2) · |m| / (sqrt(v) + ε/c2), so the
-    # bias corrections become one scalar per tensor applied to its sum.
-    ts = [float(st["step"]) for st in states]  # CPU scalars for non-capturable Adam; checks sync anyway
+    # With c1 = 1/(1-β1^t) and c2 = 1/sqrt(1-β2^t): |m·c1| / (sqrt(v)·c2 + ε) =
+    # (c1/c2) · |m| / (sqrt(v) + ε/c2), so the bias corrections become one scalar per tensor
+    # applied to its sum, and the rest is four tensor ops over many tensors at once.
+    ts = _host_floats([st["step"] for st in states])  # checks sync anyway
     c1 = [1.0 / (1.0 - b1 ** t) for (b1, _), t in zip(betas, ts)]
     c2 = [1.0 / math.sqrt(1.0 - b2 ** t) for (_, b2), t in zip(betas, ts)]
-    m = [dist_utils.local(st["exp_avg"]).float() for st in states]
-    root = torch._foreach_sqrt([dist_utils.local(st["exp_avg_sq"]).float() for st in states])
     shift = [float(e) / k for e, k in zip(eps, c2)]
-    # one scalar when every tensor shares it (one eps, one step count): the scalar-list form
-    # is several times slower per tensor on CPU
-    torch._foreach_add_(root, shift[0] if len(set(shift)) == 1 else shift)
-    sums = torch._foreach_norm(torch._foreach_div(m, root), 1, dtype=torch.float32)
-    device = sums[0].device
+    m = [dist_utils.local(st["exp_avg"]) for st in states]
+    v = [dist_utils.local(st["exp_avg_sq"]) for st in states]
+    # small CPU tensors are stacked (dispatch.stack_groups says why); grouped by the first moments
+    # alone, as Adam's two moments have the parameter's shape (another dtype is promoted, and
+    # both are read in fp32 anyway)
+    groups, rest = dispatch.stack_groups(m)
     scale = torch.tensor([a / b for a, b in zip(c1, c2)], dtype=torch.float32)
-    return torch.stack([x.to(device) for x in sums]) * scale.to(device)
+    if len(groups) == 1 and not rest:
+        return _snr_rows(m, v, groups[0], shift) * scale
+    sums = torch.empty(len(params), dtype=torch.float32, device=m[0].device)
+    for idx in groups:
+        sums[torch.tensor(idx)] = _snr_rows(m, v, idx, shift)
+    if rest:
+        # foreach ops: four launches for all of them, not five per tensor (the per-tensor form cost
+        # ~50 µs a component on the host, and as many GPU launches)
+        root = torch._foreach_sqrt([v[i].float() for i in rest])
+        shifts = [shift[i] for i in rest]
+        # one scalar when every tensor shares it (one eps, one step count): the scalar-list form
+        # is several times slower per tensor on CPU
+        torch._foreach_add_(root, shifts[0] if len(set(shifts)) == 1 else shifts)
+        part = torch._foreach_norm(torch._foreach_div([m[i].float() for i in rest], root), 1, dtype=torch.float32)
+        sums[torch.tensor(rest, device=sums.device)] = torch.stack([x.to(sums.device) for x in part])
+    return sums * scale.to(sums.device)
+
+
+def _snr_rows(m, v, idx, shift) -> torch.Tensor:
+    """``Σ |m| / (sqrt(v) + shift)`` per row of the stacked small CPU moments ``m[i]``, ``v[i]``, ``i`` in ``idx``."""
+    sh = torch.tensor([shift[i] for i in idx], dtype=torch.float32).unsqueeze(1)
+    return (dispatch.stacked(m, idx).float().abs() / (dispatch.stacked(v, idx).float().sqrt() + sh)).sum(1)
+
+
+def _host_floats(values) -> list[float]:
+    """``float(x)`` of each value (Python numbers or 0-d tensors) with one transfer, not one per tensor."""
+    if values and all(isinstance(x, torch.Tensor) for x in values):
+        try:
+            return torch.stack(values).double().tolist()  # Adam's 0-d step tensors
+        except RuntimeError:  # on several devices, or not all 0-d: one at a time
+            pass
+    return [float(x) for x in values]
+
+
+class CopyBuffers:
+    """Copies of one fixed set of tensors, refilled in place: the metrics' previous gradients or weights.
+
+    A clone per tensor costs more host time than its copy; so does a foreach copy on CPU (~2–5 µs a
+    tensor). Small CPU tensors of one shape are therefore copied as one stacked buffer
+    (``torch.stack(..., out=)``: one op per shape) and ``copies`` holds views of its rows; the
+    others take one foreach copy. ``refill`` raises ``RuntimeError`` when a tensor no longer fits
+    its buffer (the caller then builds new buffers).
+    """
+
+    __slots__ = ("copies", "_groups", "_rest")
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        groups, self._rest = dispatch.stack_groups(tensors)
+        copies: list = [None] * len(tensors)
+        self._groups = []
+        for idx in groups:
+            buf = torch.stack([tensors[i].detach() for i in idx])
+            self._groups.append((idx, buf))
+            for row, i in enumerate(idx):
+                copies[i] = buf[row]
+        for i in self._rest:
+            copies[i] = tensors[i].detach().clone()
+        self.copies = copies
+
+    def refill(self, tensors: Sequence[torch.Tensor]) -> list:
+        for idx, buf in self._groups:
+            if buf.shape[1:] != tensors[idx[0]].shape:  # stack(out=) would resize, not raise
+                raise RuntimeError("a tensor changed shape")
+            torch.stack([tensors[i] for i in idx], out=buf)  # another shape inside the group raises
+        if self._rest:
+            copies = self.copies
+            torch._foreach_copy_([copies[i] for i in self._rest], [tensors[i] for i in self._rest])
+        return self.copies
 
 
 def sum_by_owner(part: torch.Tensor, owners: Sequence[int], n_components: int) -> torch.Tensor:

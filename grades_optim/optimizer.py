@@ -371,24 +371,25 @@ class GradESOptimizer(torch.optim.Optimizer):
     def _reused_copies(self, slot: str, live, tensors) -> list:
         """Copies of ``tensors`` (one per ``live`` pair), written into the buffers this slot made last time.
 
-        One foreach copy instead of a clone per tensor (a clone costs more host time than the copy
-        itself); the buffers are kept while the layout and the set of params are unchanged, so the
-        peak memory is that of the clones. DTensor (FSDP2) shards are cloned, keeping their placement.
+        ``magnitudes.CopyBuffers``: a few ops instead of a clone per tensor; the buffers are kept while
+        the layout and the set of params are unchanged, so the peak memory is that of the clones.
+        DTensor (FSDP2) shards are cloned, keeping their placement.
         """
+        if tensors and hasattr(tensors[0], "to_local"):  # DTensor shards: clones keep their placement
+            return [t.detach().clone() for t in tensors]
         key = (self._layout(), tuple(id(p) for _, p in live))
         cached = self._copy_bufs.pop(slot, None)  # dropped first: a rebuild never holds two sets
-        if (cached is not None and cached[0][0] is key[0] and cached[0][1] == key[1]
-                and not (tensors and hasattr(tensors[0], "to_local"))):
+        if cached is not None and cached[0][0] is key[0] and cached[0][1] == key[1]:
             try:
-                torch._foreach_copy_(cached[1], tensors)
+                copies = cached[1].refill(tensors)
                 self._copy_bufs[slot] = cached
-                return cached[1]
+                return copies
             except RuntimeError:  # a storage swapped for another shape: new buffers
                 pass
         del cached
-        bufs = [t.detach().clone() for t in tensors]
+        bufs = mag.CopyBuffers(tensors)
         self._copy_bufs[slot] = (key, bufs)
-        return bufs
+        return bufs.copies
 
     def _zero_lr_groups(self) -> set:
         """Indices of the groups stepping at lr=0 now (the first step of a linear warm-up).
@@ -429,12 +430,14 @@ class GradESOptimizer(torch.optim.Optimizer):
 
     def _measure_update_snr(self, live):
         need, state = mag.MOMENT_METRICS[self.metric], self.state
-        have = [(c, p) for c, p in live if p in state and all(k in state[p] for k in need)]
-        where, groups = self._layout().group_of, self.param_groups
+        get = state.get  # one lookup per param (tensor hashing is Python-level)
+        have = [(c, p) for c, p in live if (st := get(p)) is not None and all(k in st for k in need)]
+        where = self._layout().group_of
+        hyper = [(tuple(g["betas"]), float(g["eps"])) for g in self.param_groups]  # per group, not per param
         params = [p for _, p in have]
-        sums = mag.update_snr_sums(params, [state[p] for p in params],
-                                   [tuple(groups[where[id(p)]]["betas"]) for p in params],
-                                   [float(groups[where[id(p)]]["eps"]) for p in params])
+        per_param = [hyper[where[id(p)]] for p in params]
+        sums = mag.update_snr_sums(params, [state[p] for p in params], [h[0] for h in per_param],
+                                   [h[1] for h in per_param])
         return self._measure(params, have, sums=sums)
 
     def _keep_prev_grads(self, live) -> None:

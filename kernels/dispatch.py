@@ -17,7 +17,8 @@ from .checks import SUPPORTED_DTYPES as _TRITON_DTYPES
 
 __all__ = ["IMPLS", "resolve_impl", "tensor_sums", "tensor_delta_sums", "fused_adamw_step", "prepared_adamw", "fused_sgd_step",
            "decide",
-           "torch_tensor_sums", "torch_tensor_delta_sums"]
+           "torch_tensor_sums", "torch_tensor_delta_sums", "stack_groups", "stacked",
+           "STACK_MAX_NUMEL"]
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -45,14 +46,72 @@ def resolve_impl(impl: str, tensors: Sequence[torch.Tensor]) -> str:
     return "triton" if dense and available(device) is None else "torch"
 
 
+# On CPU a foreach op costs ~2–6 µs per tensor (torch runs one kernel call per tensor), far more
+# than the arithmetic of a small tensor (LoRA adapters, biases, MoE experts, the host-cost bench's
+# 2x2 matrices), while ``torch.stack`` costs ~0.3 µs per tensor. So small CPU tensors of one shape
+# and dtype are reduced as one stacked tensor; above this size the copy would cost more than the
+# per-tensor overhead it saves, and the foreach path stays.
+STACK_MAX_NUMEL = 4096
+
+
+def stack_groups(*lists: Sequence[torch.Tensor]) -> tuple[list[list[int]], list[int]]:
+    """Positions of the small CPU tensors, grouped so that each group stacks, and the other positions.
+
+    With several lists (pairs ``a[i]``, ``b[i]``), position ``i`` joins a group only with positions
+    whose tensors have the same shape and dtype in every list.
+    """
+    first = lists[0]
+    if len(first) < 2 or not first[0].is_cpu:  # one device per call (the owner plan splits them)
+        return [], list(range(len(first)))
+    limit = STACK_MAX_NUMEL
+    # only cheap attributes here (``.device.type`` alone costs ~0.9 µs a tensor)
+    keys = [[(t.shape, t.dtype) if t.numel() <= limit and t.is_cpu and not t.is_sparse else None for t in ts]
+            for ts in lists]
+    groups: dict[tuple, list[int]] = {}
+    rest = []
+    for i, key in enumerate(keys[0] if len(keys) == 1 else zip(*keys)):
+        if key is None or (len(keys) > 1 and None in key):
+            rest.append(i)
+        else:
+            groups.setdefault(key, []).append(i)
+    # a group of one gains nothing from a copy
+    return [g for g in groups.values() if len(g) > 1], rest + [g[0] for g in groups.values() if len(g) == 1]
+
+
+def stacked(tensors: Sequence[torch.Tensor], idx: Sequence[int]) -> torch.Tensor:
+    """``[len(idx), numel]`` copy of the same-shaped ``tensors[i]``, ``i`` in ``idx``."""
+    return torch.stack([tensors[i] for i in idx]).reshape(len(idx), tensors[idx[0]].numel())
+
+
+def _foreach_sums(tensors: Sequence[torch.Tensor], ord: int) -> torch.Tensor:
+    # an fp32 result is refused for fp64 inputs (narrowing): then everything is summed in fp64
+    wide = any(t.dtype == torch.float64 for t in tensors)
+    sums = torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float64 if wide else torch.float32))
+    return (sums if ord == 1 else sums * sums).float()
+
+
+def _rows_sums(x: torch.Tensor, ord: int) -> torch.Tensor:
+    # fp32 accumulation whatever the dtype, as the kernel and _foreach_norm(dtype=float32) do
+    return x.abs().sum(1, dtype=torch.float32) if ord == 1 else x.float().square().sum(1)
+
+
 def torch_tensor_sums(tensors: Sequence[torch.Tensor], ord: int) -> torch.Tensor:
-    """Torch twin of ``tensor_sums.tensor_sums``: one ``_foreach_norm`` with fp32 output."""
+    """Torch twin of ``tensor_sums.tensor_sums``: ``_foreach_norm`` with fp32 output (stacked for small CPU tensors)."""
     if ord not in (1, 2):
         raise ValueError(f"Invalid ord: {ord!r}; expected 1 or 2")
     if not tensors:
         return torch.zeros(0, dtype=torch.float32)
-    sums = torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
-    return sums if ord == 1 else sums * sums
+    groups, rest = stack_groups(tensors)
+    if not groups:
+        return _foreach_sums(tensors, ord)
+    if len(groups) == 1 and not rest:  # one shape: already in order
+        return _rows_sums(stacked(tensors, groups[0]), ord)
+    out = torch.empty(len(tensors), dtype=torch.float32)
+    for idx in groups:
+        out[torch.tensor(idx)] = _rows_sums(stacked(tensors, idx), ord)
+    if rest:
+        out[torch.tensor(rest)] = _foreach_sums([tensors[i] for i in rest], ord)
+    return out
 
 
 def torch_tensor_delta_sums(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], ord: int = 1) -> torch.Tensor:
@@ -62,8 +121,15 @@ def torch_tensor_delta_sums(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]
     for i, (x, y) in enumerate(zip(a, b)):
         if x.numel() != y.numel():
             raise ValueError(f"b[{i}] has {y.numel()} elements but a[{i}] has {x.numel()}")
-    diffs = [x.float().reshape(-1) - y.float().reshape(-1) for x, y in zip(a, b)]
-    return torch_tensor_sums(diffs, ord)
+    groups, rest = stack_groups(a, b)
+    if not groups:
+        return torch_tensor_sums([x.float().reshape(-1) - y.float().reshape(-1) for x, y in zip(a, b)], ord)
+    out = torch.empty(len(a), dtype=torch.float32)
+    for idx in groups:
+        out[torch.tensor(idx)] = _rows_sums(stacked(a, idx).float() - stacked(b, idx).float(), ord)
+    if rest:
+        out[torch.tensor(rest)] = torch_tensor_sums([a[i].float().reshape(-1) - b[i].float().reshape(-1) for i in rest], ord)
+    return out
 
 
 def tensor_sums(tensors: Sequence[torch.Tensor], ord: int, *, impl: str = "auto") -> torch.Tensor:

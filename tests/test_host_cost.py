@@ -226,3 +226,126 @@ def test_checkpoints_carry_the_bounded_history_and_the_complete_timeline(tmp_pat
     assert fresh.history == opt.history
     assert fresh.timeline() == opt.timeline()
     assert fresh.timeline()[0]["last"].step == 2  # the reading it froze on, long out of history
+
+
+# --- small CPU tensors are reduced and copied stacked (one op per shape, not one per tensor) ------
+
+_SHAPES = [(), (1,), (2, 2), (3, 2), (2, 3), (0, 4), (5,), (40, 3)]
+_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def _tensor(shape, dtype, strided, gen):
+    t = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    if strided and len(shape) == 2:  # a transposed view: not contiguous, same shape
+        t = (torch.randn(shape[::-1], generator=gen, dtype=torch.float64) * 3).t()
+    return t.to(dtype)
+
+
+_stack_spec = st.lists(st.tuples(st.integers(0, len(_SHAPES) - 1), st.integers(0, len(_DTYPES) - 1),
+                                 st.booleans()), max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(specs=_stack_spec, ord=st.sampled_from([1, 2]), limit=st.sampled_from([0, 4, 4096]),
+       seed=st.integers(0, 2**31 - 1))
+def test_stacked_sums_and_delta_sums_match_float64(specs, ord, limit, seed):
+    """Repeated shapes form stacked groups (``limit``: the size above which tensors keep the
+    foreach path), mixed with singletons, other dtypes, empty, 0-d and non-contiguous tensors."""
+    from unittest import mock
+
+    from grades_optim.kernels import dispatch
+
+    gen = torch.Generator().manual_seed(seed)
+    a = [_tensor(_SHAPES[s], _DTYPES[d], strided, gen) for s, d, strided in specs]
+    b = [(x.double() + 0.1 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).to(_DTYPES[(d + 1) % 3])
+         for x, (_, d, _) in zip(a, specs)]
+    want = [x.double().abs().sum() if ord == 1 else x.double().square().sum() for x in a]
+    want_delta = [(x.double() - y.double()).abs().sum() if ord == 1 else (x.double() - y.double()).square().sum()
+                  for x, y in zip(a, b)]
+    with mock.patch.object(dispatch, "STACK_MAX_NUMEL", limit):
+        got, got_delta = dispatch.torch_tensor_sums(a, ord), dispatch.torch_tensor_delta_sums(a, b, ord)
+    for g, w in ((got, want), (got_delta, want_delta)):
+        assert g.dtype == torch.float32 and g.shape == (len(a),)
+        w = torch.stack(w) if w else torch.zeros(0, dtype=torch.float64)
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+
+
+def test_stack_groups_groups_only_same_shape_and_dtype_small_cpu_tensors():
+    from grades_optim.kernels import dispatch
+
+    big = torch.zeros(dispatch.STACK_MAX_NUMEL + 1)
+    ts = [torch.zeros(2, 2), torch.zeros(4), torch.zeros(2, 2), big, torch.zeros(2, 2, dtype=torch.bfloat16),
+          torch.zeros(4), torch.zeros(2, 2).t(), big.clone()]
+    groups, rest = dispatch.stack_groups(ts)
+    assert sorted(map(sorted, groups)) == [[0, 2, 6], [1, 5]]
+    assert sorted(rest) == [3, 4, 7]
+    # pairs: position 2's partner has another shape, so it leaves the group
+    others = [torch.zeros(2, 2), torch.zeros(4), torch.zeros(4), big, torch.zeros(2, 2), torch.zeros(4),
+              torch.zeros(2, 2), big]
+    groups, rest = dispatch.stack_groups(ts, others)
+    assert sorted(map(sorted, groups)) == [[0, 6], [1, 5]] and sorted(rest) == [2, 3, 4, 7]
+
+
+@pytest.mark.parametrize("limit", [0, 4096])
+def test_stacked_update_snr_sums_match_float64(limit, monkeypatch):
+    """Per-tensor bias corrections (different step counts, betas, eps) inside stacked groups, and
+    the same on the foreach path (``limit`` 0: nothing is stacked)."""
+    from grades_optim.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "STACK_MAX_NUMEL", limit)
+    from grades_optim import magnitudes
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(2, 2)] * 5 + [(3,)] * 2 + [(70, 70)]
+    states, betas, eps, want = [], [], [], []
+    for i, s in enumerate(shapes):
+        m = torch.randn(s, generator=gen, dtype=torch.float64) * 1e-3
+        v = torch.rand(s, generator=gen, dtype=torch.float64) * 1e-6
+        t, (b1, b2), e = float(3 + i), ((0.9, 0.999) if i % 2 else (0.8, 0.99)), (1e-8 if i % 3 else 1e-6)
+        c1, c2 = 1 / (1 - b1 ** t), 1 / (1 - b2 ** t)
+        want.append((m * c1).abs().div((v * c2).sqrt() + e).sum())
+        states.append({"exp_avg": m.float(), "exp_avg_sq": v.float(), "step": torch.tensor(t)})
+        betas.append((b1, b2))
+        eps.append(e)
+    got = magnitudes.update_snr_sums([torch.zeros(s) for s in shapes], states, betas, eps)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-4, atol=0)
+
+
+def test_copy_buffers_refill_in_place_and_refuse_a_new_shape():
+    from grades_optim import magnitudes
+
+    ts = [torch.randn(2, 2) for _ in range(3)] + [torch.randn(5), torch.randn(70, 70)]
+    bufs = magnitudes.CopyBuffers(ts)
+    first = bufs.copies
+    assert all(torch.equal(c, t) and c.data_ptr() != t.data_ptr() for c, t in zip(first, ts))
+    new = [t + 1 for t in ts]
+    again = bufs.refill(new)
+    assert all(x is y for x, y in zip(again, first))  # the same tensors, refilled
+    assert all(torch.equal(c, t) for c, t in zip(again, new))
+    new[1] = torch.randn(4)  # another shape inside the stacked group
+    with pytest.raises(RuntimeError):
+        bufs.refill(new)
+    with pytest.raises(RuntimeError):  # the whole group changed shape: stack(out=) would resize
+        bufs.refill([torch.randn(1, 4) for _ in range(3)] + new[3:])
+
+
+@pytest.mark.parametrize("metric", ["grad_l1", "grad_l2", "grad_delta_l1", "weight_delta_l1", "update_snr"])
+def test_float64_models_are_measured(metric):
+    """fp64 parameters (a `.double()` model): `_foreach_norm(dtype=float32)` refuses them, which
+    crashed the reference path's first check; readings must match a float64 reference."""
+    torch.manual_seed(0)
+    big = nn.Parameter(torch.randn(80, 80, dtype=torch.float64))  # above the stacking size: foreach
+    params = [nn.Parameter(torch.randn(3, 2, dtype=torch.float64)) for _ in range(3)] + [big]
+    opt = _wrap(params, metric=metric, check_interval=1)
+    for s in range(3):
+        g = torch.Generator().manual_seed(s)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        prev = [p.grad.clone() for p in params]
+        opt.step()
+    readings = [r.metric for r in opt.last_check]
+    if metric in ("grad_l1", "grad_l2"):
+        want = [(g.abs().mean() if metric == "grad_l1" else g.square().mean().sqrt()).item() for g in prev]
+        assert readings == pytest.approx(want, rel=1e-5)
+    assert len(readings) == 4 and all(r == r and r > 0 for r in readings), readings
