@@ -120,6 +120,13 @@ def _group_reason(kind: str, group: dict) -> Optional[str]:
     return None
 
 
+def _adam_hyper(group: dict) -> dict:
+    """The fused Adam step's hyperparameters from a param group (Adam and AdamW, both paths)."""
+    beta1, beta2 = group["betas"]
+    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                decoupled=bool(group.get("decoupled_weight_decay", False)), maximize=bool(group["maximize"]))
+
+
 def device_steps(group: dict) -> bool:
     """Adam groups whose ``step`` counters torch keeps on the param's device (fused / capturable)."""
     return bool(group.get("fused") or group.get("capturable"))
@@ -372,12 +379,7 @@ class FusedStep:
         opt.fast_path, opt.fast_path_reason = self.description, "supported"
         sums = []
         for g, run in hot.runs:
-            group = groups[g]
-            beta1, beta2 = group["betas"]
-            sums.append(run.step(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                                 weight_decay=group["weight_decay"],
-                                 decoupled=bool(group.get("decoupled_weight_decay", False)),
-                                 maximize=bool(group["maximize"]), ord=self.ord, metric=check))
+            sums.append(run.step(**_adam_hyper(groups[g]), ord=self.ord, metric=check))
         opt._masked_inner_step(hide_tracked=True)
         return self._readings(hot.ordered, sums if check else None)
 
@@ -404,14 +406,10 @@ class FusedStep:
             lists = self._lists[g] = ([_local(s["exp_avg"]) for s in sts], [_local(s["exp_avg_sq"]) for s in sts],
                                       [s["step"] for s in sts], [True] * len(params), in_param_dtype)
         exp_avgs, exp_avg_sqs, steps, active, in_param_dtype = lists
-        beta1, beta2 = group["betas"]
         return dispatch.fused_adamw_step(
             [_local(p) for p in params], [_local(p.grad) for p in params], exp_avgs, exp_avg_sqs, steps, active,
-            lr=group["lr"], beta1=beta1, beta2=beta2,
-            eps=group["eps"], weight_decay=group["weight_decay"],
-            decoupled=bool(group.get("decoupled_weight_decay", False)), maximize=bool(group["maximize"]),
-            ord=self.ord, metric=check, impl="triton", checked=checked, device_steps=on_device,
-            states_in_param_dtype=in_param_dtype)
+            **_adam_hyper(group), ord=self.ord, metric=check, impl="triton", checked=checked,
+            device_steps=on_device, states_in_param_dtype=in_param_dtype)
 
     def _sgd(self, g: int, group: dict, params: list, check: bool):
         state, momentum = self.opt.state, group["momentum"]
