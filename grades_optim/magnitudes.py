@@ -72,16 +72,20 @@ def update_snr_sums(params: Sequence[torch.Tensor], states: Sequence[dict], beta
     # (c1/c2) · |m| / (sqrt(v) + ε/c2), so the bias corrections become one scalar per tensor
     # applied to its sum, and the rest is four tensor ops over many tensors at once.
     ts = _host_floats([st["step"] for st in states])  # checks sync anyway
+    if len(set(ts)) == 1 and len(set(betas)) == 1 and len(set(eps)) == 1:  # the usual case: one set of scalars
+        ts, betas, eps = ts[:1], betas[:1], eps[:1]
     c1 = [1.0 / (1.0 - b1 ** t) for (b1, _), t in zip(betas, ts)]
     c2 = [1.0 / math.sqrt(1.0 - b2 ** t) for (_, b2), t in zip(betas, ts)]
     shift = [float(e) / k for e, k in zip(eps, c2)]
+    scale = torch.tensor([a / b for a, b in zip(c1, c2)], dtype=torch.float32)
+    if len(shift) == 1:
+        shift = shift * len(states)
     m = [dist_utils.local(st["exp_avg"]) for st in states]
     v = [dist_utils.local(st["exp_avg_sq"]) for st in states]
     # small CPU tensors are stacked (dispatch.stack_groups says why); grouped by the first moments
     # alone, as Adam's two moments have the parameter's shape (another dtype is promoted, and
     # both are read in fp32 anyway)
     groups, rest = dispatch.stack_groups(m)
-    scale = torch.tensor([a / b for a, b in zip(c1, c2)], dtype=torch.float32)
     if len(groups) == 1 and not rest:
         return _snr_rows(m, v, groups[0], shift) * scale
     sums = torch.empty(len(params), dtype=torch.float32, device=m[0].device)
@@ -102,7 +106,9 @@ def update_snr_sums(params: Sequence[torch.Tensor], states: Sequence[dict], beta
 
 def _snr_rows(m, v, idx, shift) -> torch.Tensor:
     """``Σ |m| / (sqrt(v) + shift)`` per row of the stacked small CPU moments ``m[i]``, ``v[i]``, ``i`` in ``idx``."""
-    sh = torch.tensor([shift[i] for i in idx], dtype=torch.float32).unsqueeze(1)
+    first = shift[idx[0]]
+    sh = first if shift.count(first) == len(shift) else \
+        torch.tensor([shift[i] for i in idx], dtype=torch.float32).unsqueeze(1)
     return (dispatch.stacked(m, idx).float().abs() / (dispatch.stacked(v, idx).float().sqrt() + sh)).sum(1)
 
 
