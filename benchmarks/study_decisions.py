@@ -399,6 +399,7 @@ def render() -> str:
     lines.append("")
     probes = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("decisions_probe_*.json"))]
     lines += _tau_sensitivity(probes)
+    lines += _peak_gate_screen(probes)
     _plot_probes(probes)
     return "\n".join(lines)
 
@@ -449,6 +450,60 @@ def _tau_sensitivity(probes: list) -> list:
         for tau in SENSITIVITY_TAUS:
             f = sorted(x for x in freezes_open_loop(d, tau) if x is not None)
             cells.append(f"{len(f)}/{len(d['kinds'])}" + (f", {f[0]}–{f[-1]}" if f else ""))
+        lines.append(f"| {d.get('setup', '')} | {d['total']} | {_settled(d)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+PEAK_GATES = (0.8, 0.7, 0.5)
+
+
+def freezes_open_loop_gated(d: dict, tau: float, gate: float) -> list:
+    """A candidate rule, screened open loop (not in the library): the default ``update_snr`` rule,
+    but a reading counts as converged only while the component's gradient L1 (EMA) is also below
+    ``gate`` × its running peak. A gradient-noise signal cannot tell a plateau before learning from
+    convergence (rt's majority-class steps); a gradient that has not yet fallen from its peak can.
+    Same α, patience and EMA as the defaults; the grace boundary as in ``rule.decide``."""
+    g = defaults.GRADES
+    snr, l1 = d["metric_names"].index("update_snr"), d["metric_names"].index("grad_l1")
+    grace, patience, ema = int(g["alpha"] * d["total"]), g["patience"], g["ema"]
+    out = []
+    for name in d["kinds"]:
+        s = m = None
+        peak, below, frozen = 0.0, 0, None
+        for row in d["rows"]:
+            x = row["metrics"][name]
+            s = x[snr] if s is None else ema * s + (1 - ema) * x[snr]
+            m = x[l1] if m is None else ema * m + (1 - ema) * x[l1]
+            peak = max(peak, m)
+            if row["step"] < grace:
+                continue
+            below = below + 1 if s < tau and m < gate * peak else 0
+            if below >= patience:
+                frozen = row["step"]
+                break
+        out.append(frozen)
+    return out
+
+
+def _peak_gate_screen(probes: list) -> list:
+    if not probes:
+        return []
+    tau = defaults.GRADES["tau"]
+    lines = [f"## A candidate rule screened open loop: `update_snr` < {tau} gated on the gradient's fall from its peak", "",
+             "Not in the library, and open loop (see above): each cell is what the default rule would freeze on the "
+             "probe's readings if a reading also had to have the component's gradient L1 (EMA 0.9) below "
+             "`gate` × its running peak. Components frozen / tracked, first–last freeze step, distinct freeze "
+             "steps. `no gate` is the library's own rule (`rule.decide`) at the default τ.", "",
+             "| setup | steps | settled at | no gate | " + " | ".join(f"gate {x}" for x in PEAK_GATES) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in PEAK_GATES) + " |"]
+
+    def cell(f):
+        f = sorted(x for x in f if x is not None)
+        return f"{len(f)}/{len(d['kinds'])}" + (f", {f[0]}–{f[-1]} ({len(set(f))})" if f else "")
+
+    for d in probes:
+        cells = [cell(freezes_open_loop(d, tau))] + [cell(freezes_open_loop_gated(d, tau, x)) for x in PEAK_GATES]
         lines.append(f"| {d.get('setup', '')} | {d['total']} | {_settled(d)} | " + " | ".join(cells) + " |")
     lines.append("")
     return lines

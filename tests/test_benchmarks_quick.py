@@ -74,6 +74,19 @@ def test_study_decisions_quick(tmp_path):
     assert md.count("| rt | 1 |") == 2, md
     probe = json.loads((tmp_path / "decisions_probe_rt.json").read_text())
     assert len(probe["rows"]) == probe["total"] and probe["metric_names"][2] == "update_snr"
+    # the open-loop screen of the gated candidate: with no gate it is the library's rule exactly
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import study_decisions
+    finally:
+        sys.path.pop(0)
+    for tau in (0.2, 0.3, 0.4):
+        assert study_decisions.freezes_open_loop_gated(probe, tau, float("inf")) == \
+            study_decisions.freezes_open_loop(probe, tau)
+    proc = subprocess.run([sys.executable, script, "render", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "gate 0.8" in (tmp_path / "decisions.md").read_text()
 
 
 def test_bench_host_overhead_quick(tmp_path):
