@@ -435,24 +435,32 @@ def freezes_open_loop(d: dict, tau: float, metric: str = "update_snr") -> list:
     return [st.frozen_at for st in states.values()]
 
 
-def _tau_sensitivity(probes: list) -> list:
+def _probe_table(probes: list, title: str, note: str, columns: dict, spread: bool = False) -> list:
+    """One row per probe: ``columns`` maps a header to ``freezes(d) -> [freeze step or None]``."""
     if not probes:
         return []
-    lines = ["## Where τ sits: the default rule replayed on each probe's `update_snr` readings", "",
-             "Open loop (the probe is a plain `full` run, seed 0; a real run's freezes feed back), with the "
-             "defaults' α, patience and EMA. Each cell: components frozen / tracked, first–last freeze step. "
-             "`settled` = the first evaluation after which the plain run's score stays within 1 pt "
-             "(0.02 loss for `lm`) of its final score.", "",
-             "| setup | steps | settled at | " + " | ".join(f"τ = {t}" for t in SENSITIVITY_TAUS) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in SENSITIVITY_TAUS) + " |"]
+    lines = [f"## {title}", "", note, "",
+             "| setup | steps | settled at | " + " | ".join(columns) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " |"]
     for d in probes:
         cells = []
-        for tau in SENSITIVITY_TAUS:
-            f = sorted(x for x in freezes_open_loop(d, tau) if x is not None)
-            cells.append(f"{len(f)}/{len(d['kinds'])}" + (f", {f[0]}–{f[-1]}" if f else ""))
+        for freezes in columns.values():
+            f = sorted(x for x in freezes(d) if x is not None)
+            cells.append(f"{len(f)}/{len(d['kinds'])}"
+                         + (f", {f[0]}–{f[-1]}" + (f" ({len(set(f))})" if spread else "") if f else ""))
         lines.append(f"| {d.get('setup', '')} | {d['total']} | {_settled(d)} | " + " | ".join(cells) + " |")
     lines.append("")
     return lines
+
+
+def _tau_sensitivity(probes: list) -> list:
+    return _probe_table(
+        probes, "Where τ sits: the default rule replayed on each probe's `update_snr` readings",
+        "Open loop (the probe is a plain `full` run, seed 0; a real run's freezes feed back), with the "
+        "defaults' α, patience and EMA. Each cell: components frozen / tracked, first–last freeze step. "
+        "`settled` = the first evaluation after which the plain run's score stays within 1 pt "
+        "(0.02 loss for `lm`) of its final score.",
+        {f"τ = {t}": (lambda d, t=t: freezes_open_loop(d, t)) for t in SENSITIVITY_TAUS})
 
 
 PEAK_GATES = (0.8, 0.7, 0.5)
@@ -487,26 +495,15 @@ def freezes_open_loop_gated(d: dict, tau: float, gate: float) -> list:
 
 
 def _peak_gate_screen(probes: list) -> list:
-    if not probes:
-        return []
     tau = defaults.GRADES["tau"]
-    lines = [f"## A candidate rule screened open loop: `update_snr` < {tau} gated on the gradient's fall from its peak", "",
-             "Not in the library, and open loop (see above): each cell is what the default rule would freeze on the "
-             "probe's readings if a reading also had to have the component's gradient L1 (EMA 0.9) below "
-             "`gate` × its running peak. Components frozen / tracked, first–last freeze step, distinct freeze "
-             "steps. `no gate` is the library's own rule (`rule.decide`) at the default τ.", "",
-             "| setup | steps | settled at | no gate | " + " | ".join(f"gate {x}" for x in PEAK_GATES) + " |",
-             "| --- | --- | --- | --- | " + " | ".join("---" for _ in PEAK_GATES) + " |"]
-
-    def cell(f):
-        f = sorted(x for x in f if x is not None)
-        return f"{len(f)}/{len(d['kinds'])}" + (f", {f[0]}–{f[-1]} ({len(set(f))})" if f else "")
-
-    for d in probes:
-        cells = [cell(freezes_open_loop(d, tau))] + [cell(freezes_open_loop_gated(d, tau, x)) for x in PEAK_GATES]
-        lines.append(f"| {d.get('setup', '')} | {d['total']} | {_settled(d)} | " + " | ".join(cells) + " |")
-    lines.append("")
-    return lines
+    columns = {"no gate": lambda d: freezes_open_loop(d, tau)}
+    columns.update({f"gate {x}": (lambda d, x=x: freezes_open_loop_gated(d, tau, x)) for x in PEAK_GATES})
+    return _probe_table(
+        probes, f"A candidate rule screened open loop: `update_snr` < {tau} gated on the gradient's fall from its peak",
+        "Not in the library, and open loop (see above): each cell is what the default rule would freeze on the "
+        "probe's readings if a reading also had to have the component's gradient L1 (EMA 0.9) below "
+        "`gate` × its running peak. Components frozen / tracked, first–last freeze step, distinct freeze "
+        "steps. `no gate` is the library's own rule (`rule.decide`) at the default τ.", columns, spread=True)
 
 
 def _plot_probes(probes: list) -> None:
