@@ -6,6 +6,8 @@ Everything here runs before the wrapper touches the inner optimizer, so a bad ar
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from typing import Any
 
 import torch
@@ -37,39 +39,85 @@ def validate_inner(optimizer) -> None:
                         "measures one gradient per step and does not support it")
 
 
+_NUMBERS = ("tau", "alpha", "total_steps", "grace_steps", "check_interval", "patience", "ema", "max_frozen_ratio")
+
+
+def plain_numbers(values: dict) -> dict:
+    """NumPy scalars and 0-d tensors among the numeric arguments, as the Python numbers they hold.
+
+    ``np.float32(0.3)`` is not a ``float`` and ``np.int64(3)`` not an ``int``; users pass them from
+    configs and sweeps. Integers stay integers (a float for an int argument is still refused, by
+    ``validate``, with its type named). Anything else is left for ``validate`` to refuse.
+    """
+    out = dict(values)
+    for key in _NUMBERS:
+        x = out.get(key)
+        if x is None or isinstance(x, bool) or type(x) in (int, float):
+            continue
+        if isinstance(x, torch.Tensor):
+            if x.dim() != 0 or x.dtype == torch.bool or x.is_complex():
+                continue
+            x = x.item()
+        elif isinstance(x, numbers.Integral):  # numpy's bool_ is neither Integral nor Real
+            x = int(x)
+        elif isinstance(x, numbers.Real):
+            x = float(x)
+        else:
+            continue
+        out[key] = x
+    return out
+
+
+def _shown(x) -> str:
+    """The value as the error shows it: its repr, with the type named unless it is a plain number."""
+    return repr(x) if type(x) in (int, float) else f"{x!r} ({type(x).__name__})"
+
+
 def validate(*, tau, alpha, total_steps, grace_steps, check_interval, metric, reduction, patience,
               ema, tau_mode, max_frozen_ratio, freeze_mode, impl, record_history=True) -> None:
     def real(x):
         return isinstance(x, (int, float)) and not isinstance(x, bool)
 
-    if not real(tau) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"Invalid tau: {tau!r}; expected a finite number > 0")
+    validate_tau(tau, tau_mode)
     if not real(alpha) or not 0.0 <= alpha < 1.0:
-        raise ValueError(f"Invalid alpha: {alpha!r}; expected a fraction of total_steps in [0, 1)")
+        raise ValueError(f"Invalid alpha: {_shown(alpha)}; expected a fraction of total_steps in [0, 1)")
     if total_steps is not None and (not is_int(total_steps) or total_steps < 1):
-        raise ValueError(f"Invalid total_steps: {total_steps!r}; expected an int >= 1 or None")
+        raise ValueError(f"Invalid total_steps: {_shown(total_steps)}; expected an int >= 1 or None")
     if alpha > 0 and total_steps is None:
         raise ValueError(f"Invalid alpha: {alpha} needs total_steps (the grace period is alpha × "
                          "total_steps); pass total_steps= or use grace_steps= instead")
     if not is_int(grace_steps) or grace_steps < 0:
-        raise ValueError(f"Invalid grace_steps: {grace_steps!r}; expected an int >= 0")
+        raise ValueError(f"Invalid grace_steps: {_shown(grace_steps)}; expected an int >= 0")
     if alpha > 0 and grace_steps > 0:
         raise ValueError(f"Invalid grace_steps: {grace_steps} together with alpha={alpha}; give one of them")
     if not is_int(check_interval) or check_interval < 1:
-        raise ValueError(f"Invalid check_interval: {check_interval!r}; expected an int >= 1")
+        raise ValueError(f"Invalid check_interval: {_shown(check_interval)}; expected an int >= 1")
     if not is_int(patience) or patience < 1:
-        raise ValueError(f"Invalid patience: {patience!r}; expected an int >= 1 (1 = the paper's rule)")
+        raise ValueError(f"Invalid patience: {_shown(patience)}; expected an int >= 1 (1 = the paper's rule)")
     if not real(ema) or not 0.0 <= ema < 1.0:
-        raise ValueError(f"Invalid ema: {ema!r}; expected a smoothing factor in [0, 1) (0 disables)")
+        raise ValueError(f"Invalid ema: {_shown(ema)}; expected a smoothing factor in [0, 1) (0 disables)")
     if not isinstance(record_history, bool) and not (is_int(record_history) and record_history >= 1):
         raise ValueError(f"Invalid record_history: {record_history!r}; expected True, False or an int >= 1")
     if not real(max_frozen_ratio) or not 0.0 < max_frozen_ratio <= 1.0:
-        raise ValueError(f"Invalid max_frozen_ratio: {max_frozen_ratio!r}; expected a fraction in (0, 1]")
+        raise ValueError(f"Invalid max_frozen_ratio: {_shown(max_frozen_ratio)}; expected a fraction in (0, 1]")
     for name, value, allowed in (("metric", metric, mag.METRICS), ("reduction", reduction, mag.REDUCTIONS),
                                  ("tau_mode", tau_mode, TAU_MODES), ("freeze_mode", freeze_mode, FREEZE_MODES),
                                  ("impl", impl, mag.IMPLS)):
         if value not in allowed:
             raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, allowed))}")
+
+
+def validate_tau(tau, tau_mode) -> None:
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"Invalid tau: {_shown(tau)}; expected a finite number > 0")
+    if tau_mode == "relative" and tau > 1:
+        # the threshold is tau × the grace-period mean: above 1, a reading that merely stays at its
+        # grace level counts as converged, and most matrices freeze at the first check after grace.
+        # Allowed (tests use it to freeze everything on purpose), never silent.
+        warnings.warn(f"tau={tau!r} with tau_mode='relative' is more than the grace-period reading itself: "
+                      "matrices freeze once their reading is merely not growing, usually at the first check "
+                      "after the grace period. A relative tau is a fraction in (0, 1]; tau in the metric's "
+                      "units needs tau_mode='absolute'", UserWarning, stacklevel=3)
 
 
 def resolve_impl(impl: str) -> str:

@@ -71,6 +71,15 @@ class CheckRecord(NamedTuple):
     frozen: bool
 
 
+def _read_only(name: str):
+    def refuse(self, value):
+        # assigning used to create a plain attribute the rule never read: a silent no-op
+        raise AttributeError(f"GradESOptimizer.{name} is fixed at construction (the rule's state and readings "
+                             f"depend on it); build a new GradESOptimizer with {name}={value!r}. Only tau can "
+                             "change during a run")
+    return refuse
+
+
 class GradESOptimizer(torch.optim.Optimizer):
     r"""Wraps an already-built optimizer and freezes each projection matrix once it has converged.
 
@@ -142,6 +151,12 @@ class GradESOptimizer(torch.optim.Optimizer):
                  process_group=None):
         construct.validate_inner(optimizer)
         has_moments = all("betas" in g and "eps" in g for g in optimizer.param_groups)
+        n = construct.plain_numbers(dict(tau=tau, alpha=alpha, total_steps=total_steps, grace_steps=grace_steps,
+                                         check_interval=check_interval, patience=patience, ema=ema,
+                                         max_frozen_ratio=max_frozen_ratio))
+        tau, alpha, total_steps, grace_steps = n["tau"], n["alpha"], n["total_steps"], n["grace_steps"]
+        check_interval, patience, ema, max_frozen_ratio = (n["check_interval"], n["patience"], n["ema"],
+                                                           n["max_frozen_ratio"])
         d = defaults.resolve(dict(tau=tau, check_interval=check_interval, metric=metric, reduction=reduction,
                                   patience=patience, ema=ema, tau_mode=tau_mode,
                                   alpha=alpha if alpha is not None or grace_steps is None else 0.0),
@@ -166,8 +181,8 @@ class GradESOptimizer(torch.optim.Optimizer):
                      "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
             setattr(self, name, OrderedDict())
         self._patch_step_function()
-        self.tau, self.alpha, self.total_steps = float(tau), float(alpha), total_steps
-        self.check_interval, self.metric, self.reduction = check_interval, metric, reduction
+        self.alpha, self.total_steps = float(alpha), total_steps
+        self._check_interval, self._metric, self._reduction = check_interval, metric, reduction
         self.max_frozen_ratio, self.record_history = float(max_frozen_ratio), record_history
         self._grace_steps_arg = grace_steps
         self._cfg = RuleConfig(tau=float(tau), grace_steps=self._resolve_grace(), patience=patience,
@@ -226,6 +241,25 @@ class GradESOptimizer(torch.optim.Optimizer):
     @defaults.setter
     def defaults(self, value):
         self._inner.defaults = value
+
+    # -- the rule's settings: one source (the rule config), validated when set --------------------
+    @property
+    def tau(self) -> float:
+        return self._cfg.tau
+
+    @tau.setter
+    def tau(self, value) -> None:
+        """A new threshold from the next check on (e.g. a schedule for τ); validated like the constructor's."""
+        value = construct.plain_numbers({"tau": value})["tau"]
+        construct.validate_tau(value, self._cfg.tau_mode)
+        self._cfg = dataclasses.replace(self._cfg, tau=float(value))
+
+    patience = property(lambda self: self._cfg.patience, _read_only("patience"))
+    ema = property(lambda self: self._cfg.ema, _read_only("ema"))
+    tau_mode = property(lambda self: self._cfg.tau_mode, _read_only("tau_mode"))
+    metric = property(lambda self: self._metric, _read_only("metric"))
+    reduction = property(lambda self: self._reduction, _read_only("reduction"))
+    check_interval = property(lambda self: self._check_interval, _read_only("check_interval"))
 
     def __getstate__(self):
         return self.__dict__.copy()

@@ -8,6 +8,7 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -86,6 +87,19 @@ CONSTRUCTOR_CASES = [
         inner, tau=1.0, components={"a": m.model.layers[0].mlp.up_proj, "b": [m.model.layers[0].mlp.up_proj.weight]}),
      ValueError, r"in both 'a' and 'b'"),
     ("empty_components", lambda m, inner: GradESOptimizer(inner, tau=1.0, components={}), ValueError, r"components"),
+    # values of the wrong type: the error names the type, not only the value
+    ("tau_list", dict(tau=[0.3]), ValueError, r"^Invalid tau: \[0\.3\] \(list\); expected a finite number > 0$"),
+    ("tau_bool", dict(tau=True), ValueError, r"^Invalid tau: True \(bool\); expected a finite number > 0$"),
+    ("tau_1d_tensor", dict(tau=torch.tensor([0.3])), ValueError, r"^Invalid tau: tensor\(\[0\.3000\]\) \(Tensor\)"),
+    ("patience_float", dict(tau=1.0, patience=3.0), ValueError,
+     r"^Invalid patience: 3\.0; expected an int >= 1 \(1 = the paper's rule\)$"),
+    ("patience_float_tensor", dict(tau=1.0, patience=torch.tensor(3.0)), ValueError, r"^Invalid patience: 3\.0; expected an int"),
+    ("check_interval_str", dict(tau=1.0, check_interval="5"), ValueError,
+     r"^Invalid check_interval: '5' \(str\); expected an int >= 1$"),
+    ("ema_numpy_out_of_range", dict(tau=1.0, ema=np.float32(1.5)), ValueError,
+     r"^Invalid ema: 1\.5; expected a smoothing factor in \[0, 1\) \(0 disables\)$"),
+    ("total_steps_numpy_float", dict(tau=1.0, total_steps=np.float64(100.0)), ValueError,
+     r"^Invalid total_steps: 100\.0; expected an int >= 1 or None$"),
 ]
 
 
@@ -101,6 +115,77 @@ def test_constructor_faults_change_nothing(case):
         how(model, inner) if callable(how) else GradESOptimizer(inner, model=model, **how)
     assert_unchanged(before, model, inner)
     assert not any(k.startswith("grades_") for g in inner.param_groups for k in g)
+
+
+# NumPy scalars and 0-d tensors (from configs and sweeps) are the numbers they hold
+ACCEPTED_TYPES = [
+    ("tau_numpy_float32", dict(tau=np.float32(0.25)), dict(tau=float(np.float32(0.25)))),
+    ("tau_0d_tensor", dict(tau=torch.tensor(0.5, dtype=torch.float64)), dict(tau=0.5)),
+    ("patience_numpy_int64", dict(tau=1.0, patience=np.int64(4)), dict(patience=4)),
+    ("check_interval_0d_int_tensor", dict(tau=1.0, check_interval=torch.tensor(3)), dict(check_interval=3)),
+    ("ema_numpy_float64", dict(tau=1.0, ema=np.float64(0.5)), dict(ema=0.5)),
+    ("alpha_total_steps_numpy", dict(tau=1.0, alpha=np.float32(0.5), total_steps=np.int32(10)),
+     dict(alpha=0.5, total_steps=10, grace_steps=5)),
+]
+
+
+@pytest.mark.parametrize("case", ACCEPTED_TYPES, ids=[c[0] for c in ACCEPTED_TYPES])
+def test_numpy_scalars_and_0d_tensors_are_accepted_as_plain_numbers(case):
+    _, kw, want = case
+    model = make_model()
+    opt = build(model, **kw)
+    for name, value in want.items():
+        got = getattr(opt, name)
+        assert got == value and type(got) is type(value), (name, got)
+
+
+def test_assigning_tau_changes_the_rule_and_is_validated():
+    """`opt.tau = x` was a silent no-op (the rule read a frozen config): it now takes effect at the
+    next check, is validated like the constructor's, and a refused value changes nothing."""
+    model = make_model()
+    opt = build(model, tau=1e-12)
+    inject(model, 0)
+    opt.step()
+    assert not any(c.frozen for c in opt.components)
+    for bad, message in ((-1.0, r"^Invalid tau: -1\.0; expected a finite number > 0$"),
+                         ("0.1", r"^Invalid tau: '0\.1' \(str\)"), (float("nan"), r"^Invalid tau: nan")):
+        with pytest.raises(ValueError, match=message):
+            opt.tau = bad
+        assert opt.tau == 1e-12
+    opt.tau = np.float32(1e9)  # a NumPy scalar is the number it holds
+    assert opt.tau == float(np.float32(1e9)) and type(opt.tau) is float
+    inject(model, 1)
+    opt.step()
+    assert all(c.frozen for c in opt.components) and opt.last_check[0].threshold == opt.tau
+    assert opt.state_dict()["param_groups"]  # still a working optimizer
+
+
+@pytest.mark.parametrize("name, value", [("patience", 5), ("ema", 0.5), ("tau_mode", "relative"),
+                                         ("metric", "grad_l2"), ("reduction", "sum"), ("check_interval", 2)])
+def test_rule_settings_other_than_tau_are_read_only(name, value):
+    """Assigning them used to create an attribute nothing read. Now it is refused, naming the fix,
+    and the setting is unchanged."""
+    model = make_model()
+    opt = build(model, tau=1.0, patience=2, ema=0.1, check_interval=1)
+    before = getattr(opt, name)
+    with pytest.raises(AttributeError, match=rf"^GradESOptimizer\.{name} is fixed at construction .*"
+                                             rf"build a new GradESOptimizer with {name}={value!r}\. Only tau"):
+        setattr(opt, name, value)
+    assert getattr(opt, name) == before
+
+
+def test_relative_tau_above_one_warns_at_construction_and_when_set():
+    model = make_model()
+    with pytest.warns(UserWarning, match=r"^tau=30 with tau_mode='relative' is more than the grace-period reading"):
+        opt = build(model, tau=30, tau_mode="relative")
+    with pytest.warns(UserWarning, match=r"^tau=2\.0 with tau_mode='relative'"):
+        opt.tau = 2.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.tau = 0.5  # a fraction: no warning
+        build(make_model(), tau=30)  # absolute: the metric's units, no warning
 
 
 def trained(seed=0, **kw):
