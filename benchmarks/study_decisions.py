@@ -256,7 +256,7 @@ def grades_config(cfg: FinetuneConfig, variant: str) -> FinetuneConfig:
         d.update(VARIANTS[variant])
     return dataclasses.replace(cfg, metric=d["metric"], tau=d["tau"], tau_mode=d["tau_mode"],
                                alpha=d["alpha"], grades_patience=d["patience"], ema=d["ema"],
-                               check_interval=d["check_interval"])
+                               peak_gate=d["peak_gate"], check_interval=d["check_interval"])
 
 
 # Alternatives compared with the defaults (the paper's / released code's metrics stay selectable).
@@ -265,6 +265,9 @@ VARIANTS = {
     # the defaults with a tighter tau: the open-loop replay of the probes (decisions.md, "Where τ
     # sits") puts tau 0.2's freezes after the plain run settled on bbc and lm, and none on rt
     "tau0.2": dict(tau=0.2),
+    # the open-loop screen (decisions.md, "peak_gate screened") keeps rt's plateau unfrozen and
+    # moves bbc's freezes after its plain run settled
+    "gate0.8": dict(peak_gate=0.8),
 }
 
 
@@ -281,8 +284,11 @@ def study_one(setup: str, seed: int, quick: bool, variants: list, done: dict) ->
             rec[name] = _run("grades", grades_config(cfg, variant), base, data)
             yield_record(done, key, rec)
     stops = sorted({rec[f"grades[{v}]"]["steps"] for v in variants})
-    if "full" not in rec or any(str(s) not in rec["full"].get("at", {}) for s in stops):
-        r = _run("full", dataclasses.replace(cfg, eval_at=tuple(stops)), base, data)
+    # full is scored at every variant's stop step recorded so far (a re-run must not lose earlier
+    # ones); a stop at the planned end is full's own final score
+    every = sorted({x["steps"] for k, x in rec.items() if k.startswith("grades[")} - {total})
+    if "full" not in rec or any(str(s) not in rec["full"].get("at", {}) for s in every):
+        r = _run("full", dataclasses.replace(cfg, eval_at=tuple(every)), base, data)
         r["at"] = {str(s): [a, lo] for s, a, lo in r.pop("test_at")}
         rec["full"] = r
         yield_record(done, key, rec)
@@ -371,7 +377,8 @@ def render() -> str:
             g = [r[f"grades[{v}]"] for r in rs]
             acc = [score(x) for x in g]
             full = [score(r["full"]) for r in rs]
-            at = [(1 if lm else 100) * r["full"]["at"][str(x["steps"])][col] for r, x in zip(rs, g)]
+            at = [score(r["full"]) if x["steps"] == r["planned_steps"] else
+                  (1 if lm else 100) * r["full"]["at"][str(x["steps"])][col] for r, x in zip(rs, g)]
             trunc = [score(r[f"truncated@{x['steps']}"]) for r, x in zip(rs, g)]
             spans, bursts, kinds = [], [], {"attention": [], "mlp": []}
             for x in g:
@@ -420,18 +427,20 @@ def _settled(d: dict) -> Optional[int]:
     return None
 
 
-def freezes_open_loop(d: dict, tau: float, metric: str = "update_snr") -> list:
-    """Each component's freeze step (or None) under the default rule at ``tau``, replayed on a probe's
-    readings with the library's own rule code. Open loop: in a real run a freeze changes the
-    other matrices' later readings, so this shows where the threshold sits, not a run's outcome."""
+def freezes_open_loop(d: dict, tau: float, metric: str = "update_snr", peak_gate: float = 0.0) -> list:
+    """Each component's freeze step (or None) under the default rule at ``tau`` (and ``peak_gate``, its
+    gate read from the probe's gradient L1), replayed on a probe's readings with the library's own rule
+    code. Open loop: in a real run a freeze changes the other matrices' later readings, so this shows
+    where the threshold sits, not a run's outcome."""
     g = defaults.GRADES
-    col = d["metric_names"].index(metric)
+    col, l1 = d["metric_names"].index(metric), d["metric_names"].index("grad_l1")
     cfg = RuleConfig(tau=tau, grace_steps=int(g["alpha"] * d["total"]), patience=g["patience"], ema=g["ema"],
-                     tau_mode="absolute")
+                     tau_mode="absolute", peak_gate=peak_gate)
     states = {name: ComponentState() for name in d["kinds"]}
     for row in d["rows"]:
         for name, st in states.items():
-            states[name] = decide(st, row["metrics"][name][col], row["step"], cfg)[0]
+            x = row["metrics"][name]
+            states[name] = decide(st, x[col], row["step"], cfg, x[l1])[0]
     return [st.frozen_at for st in states.values()]
 
 
@@ -466,44 +475,16 @@ def _tau_sensitivity(probes: list) -> list:
 PEAK_GATES = (0.8, 0.7, 0.5)
 
 
-def freezes_open_loop_gated(d: dict, tau: float, gate: float) -> list:
-    """A candidate rule, screened open loop (not in the library): the default ``update_snr`` rule,
-    but a reading counts as converged only while the component's gradient L1 (EMA) is also below
-    ``gate`` × its running peak. A gradient-noise signal cannot tell a plateau before learning from
-    convergence (rt's majority-class steps); a gradient that has not yet fallen from its peak can.
-    Same α, patience and EMA as the defaults; the grace boundary as in ``rule.decide``."""
-    g = defaults.GRADES
-    snr, l1 = d["metric_names"].index("update_snr"), d["metric_names"].index("grad_l1")
-    grace, patience, ema = int(g["alpha"] * d["total"]), g["patience"], g["ema"]
-    out = []
-    for name in d["kinds"]:
-        s = m = None
-        peak, below, frozen = 0.0, 0, None
-        for row in d["rows"]:
-            x = row["metrics"][name]
-            s = x[snr] if s is None else ema * s + (1 - ema) * x[snr]
-            m = x[l1] if m is None else ema * m + (1 - ema) * x[l1]
-            peak = max(peak, m)
-            if row["step"] < grace:
-                continue
-            below = below + 1 if s < tau and m < gate * peak else 0
-            if below >= patience:
-                frozen = row["step"]
-                break
-        out.append(frozen)
-    return out
-
-
 def _peak_gate_screen(probes: list) -> list:
     tau = defaults.GRADES["tau"]
     columns = {"no gate": lambda d: freezes_open_loop(d, tau)}
-    columns.update({f"gate {x}": (lambda d, x=x: freezes_open_loop_gated(d, tau, x)) for x in PEAK_GATES})
+    columns.update({f"gate {x}": (lambda d, x=x: freezes_open_loop(d, tau, peak_gate=x)) for x in PEAK_GATES})
     return _probe_table(
-        probes, f"A candidate rule screened open loop: `update_snr` < {tau} gated on the gradient's fall from its peak",
-        "Not in the library, and open loop (see above): each cell is what the default rule would freeze on the "
-        "probe's readings if a reading also had to have the component's gradient L1 (EMA 0.9) below "
-        "`gate` × its running peak. Components frozen / tracked, first–last freeze step, distinct freeze "
-        "steps. `no gate` is the library's own rule (`rule.decide`) at the default τ.", columns, spread=True)
+        probes, f"`peak_gate` screened open loop: `update_snr` < {tau} gated on the gradient's fall from its peak",
+        "Open loop (see above), the library's rule (`rule.decide`) at the default τ with `peak_gate=gate`: a "
+        "reading counts as converged only while the component's gradient L1 (EMA 0.9) is below `gate` × its "
+        "running peak. Components frozen / tracked, first–last freeze step, distinct freeze steps.",
+        columns, spread=True)
 
 
 def _plot_probes(probes: list) -> None:

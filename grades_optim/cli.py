@@ -40,6 +40,7 @@ _OVERRIDES = {
     "train_size": int, "val_size": int, "test_size": int, "max_length": int, "epochs": float,
     "max_steps": int, "batch_size": int, "lr": float, "es_every": int, "es_patience": int,
     "tau": float, "tau_mode": str, "alpha": float, "grades_patience": int, "metric": str, "ema": float,
+    "peak_gate": float,
     "check_interval": int, "probe_every": int, "seed": int, "threads": int, "checkpoint_every": int,
 }
 _HELP = {
@@ -60,6 +61,8 @@ _HELP = {
     "grades_patience": f"GradES: consecutive checks below threshold before freezing (default {_G['patience']})",
     "metric": f"GradES metric: update_snr, grad_l1, grad_l2, grad_delta_l1, weight_delta_l1 (default {_G['metric']})",
     "ema": f"GradES EMA smoothing of the metric in [0, 1) (default {_G['ema']})",
+    "peak_gate": "GradES: a reading counts as converged only once the matrix's gradient L1 (smoothed) fell "
+                 f"below this fraction of its running peak (0 disables; default {_G['peak_gate']})",
     "check_interval": f"GradES: measure every N steps (default {_G['check_interval']})",
     "probe_every": "validation-accuracy probe every N steps for the accuracy plot, clock paused "
                    "(default 50; 0 disables; --quick disables)",

@@ -39,7 +39,8 @@ def validate_inner(optimizer) -> None:
                         "measures one gradient per step and does not support it")
 
 
-_NUMBERS = ("tau", "alpha", "total_steps", "grace_steps", "check_interval", "patience", "ema", "max_frozen_ratio")
+_NUMBERS = ("tau", "alpha", "total_steps", "grace_steps", "check_interval", "patience", "ema", "peak_gate",
+            "max_frozen_ratio")
 
 
 def plain_numbers(values: dict) -> dict:
@@ -74,7 +75,7 @@ def _shown(x) -> str:
 
 
 def validate(*, tau, alpha, total_steps, grace_steps, check_interval, metric, reduction, patience,
-              ema, tau_mode, max_frozen_ratio, freeze_mode, impl, record_history=True) -> None:
+              ema, tau_mode, max_frozen_ratio, freeze_mode, impl, record_history=True, peak_gate=0.0) -> None:
     def real(x):
         return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -96,6 +97,9 @@ def validate(*, tau, alpha, total_steps, grace_steps, check_interval, metric, re
         raise ValueError(f"Invalid patience: {_shown(patience)}; expected an int >= 1 (1 = the paper's rule)")
     if not real(ema) or not 0.0 <= ema < 1.0:
         raise ValueError(f"Invalid ema: {_shown(ema)}; expected a smoothing factor in [0, 1) (0 disables)")
+    if not real(peak_gate) or not 0.0 <= peak_gate <= 1.0:
+        raise ValueError(f"Invalid peak_gate: {_shown(peak_gate)}; expected a fraction in [0, 1] of the gradient's "
+                         "running peak (0 disables)")
     if not isinstance(record_history, bool) and not (is_int(record_history) and record_history >= 1):
         raise ValueError(f"Invalid record_history: {record_history!r}; expected True, False or an int >= 1")
     if not real(max_frozen_ratio) or not 0.0 < max_frozen_ratio <= 1.0:

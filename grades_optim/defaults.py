@@ -19,12 +19,13 @@ GRADES = dict(
     alpha=0.3,
     patience=3,
     ema=0.9,
+    peak_gate=0.0,
     check_interval=1,
     reduction="mean",
 )
 # inners without Adam moments (SGD, Adafactor, ...): the released code's metric, scale-free τ
 NO_MOMENTS = dict(metric="weight_delta_l1", tau=0.3, tau_mode="relative")
-PAPER = dict(metric="grad_l1", tau_mode="absolute", alpha=0.0, patience=1, ema=0.0, check_interval=1,
+PAPER = dict(metric="grad_l1", tau_mode="absolute", alpha=0.0, patience=1, ema=0.0, peak_gate=0.0, check_interval=1,
              reduction="mean")
 
 

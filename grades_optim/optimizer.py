@@ -110,6 +110,10 @@ class GradESOptimizer(torch.optim.Optimizer):
             ``"sum"`` (the paper's and released code's unnormalised sum).
         patience: consecutive checks below threshold before freezing. Default 1 (the paper).
         ema: smoothing factor β in [0, 1) for an EMA of the metric; 0 disables (the paper).
+        peak_gate: a fraction g in [0, 1]: a reading counts as converged only while the
+            component's gradient L1 (smoothed with the same EMA) is below ``g ×`` its running peak,
+            so a matrix whose gradient has not fallen yet is never frozen (0 disables, the paper).
+            Costs one gradient L1 reduction per check beside the metric's.
         tau_mode: ``"absolute"`` (the paper) or ``"relative"``: scale-free, freeze when the
             metric falls below ``tau ×`` its own mean over the grace period.
         max_frozen_ratio: ``should_stop`` once this fraction of components is frozen. Default 1.0.
@@ -146,30 +150,33 @@ class GradESOptimizer(torch.optim.Optimizer):
                  total_steps: Optional[int] = None, grace_steps: Optional[int] = None,
                  check_interval: Optional[int] = None, metric: Optional[str] = None,
                  reduction: Optional[str] = None, patience: Optional[int] = None,
-                 ema: Optional[float] = None, tau_mode: Optional[str] = None, max_frozen_ratio: float = 1.0,
+                 ema: Optional[float] = None, tau_mode: Optional[str] = None,
+                 peak_gate: Optional[float] = None, max_frozen_ratio: float = 1.0,
                  freeze_mode: str = "auto", impl: str = "auto", record_history=DEFAULT_HISTORY,
                  process_group=None):
         construct.validate_inner(optimizer)
         has_moments = all("betas" in g and "eps" in g for g in optimizer.param_groups)
         n = construct.plain_numbers(dict(tau=tau, alpha=alpha, total_steps=total_steps, grace_steps=grace_steps,
                                          check_interval=check_interval, patience=patience, ema=ema,
-                                         max_frozen_ratio=max_frozen_ratio))
+                                         peak_gate=peak_gate, max_frozen_ratio=max_frozen_ratio))
         tau, alpha, total_steps, grace_steps = n["tau"], n["alpha"], n["total_steps"], n["grace_steps"]
         check_interval, patience, ema, max_frozen_ratio = (n["check_interval"], n["patience"], n["ema"],
                                                            n["max_frozen_ratio"])
+        peak_gate = n["peak_gate"]
         d = defaults.resolve(dict(tau=tau, check_interval=check_interval, metric=metric, reduction=reduction,
-                                  patience=patience, ema=ema, tau_mode=tau_mode,
+                                  patience=patience, ema=ema, tau_mode=tau_mode, peak_gate=peak_gate,
                                   alpha=alpha if alpha is not None or grace_steps is None else 0.0),
                              has_moments)
         tau, check_interval, metric, reduction = d["tau"], d["check_interval"], d["metric"], d["reduction"]
-        patience, ema, tau_mode = d["patience"], d["ema"], d["tau_mode"]
+        patience, ema, tau_mode, peak_gate = d["patience"], d["ema"], d["tau_mode"], d["peak_gate"]
         grace_steps = 0 if grace_steps is None else grace_steps
         # a default alpha > 0 without total_steps waits for set_total_steps() (trainers call it)
         self._pending_alpha = d["alpha"] if alpha is None and total_steps is None and d["alpha"] > 0 else None
         alpha = 0.0 if self._pending_alpha is not None else d["alpha"]
         construct.validate(tau=tau, alpha=alpha, total_steps=total_steps, grace_steps=grace_steps,
                            check_interval=check_interval, metric=metric, reduction=reduction,
-                           patience=patience, ema=ema, tau_mode=tau_mode, max_frozen_ratio=max_frozen_ratio,
+                           patience=patience, ema=ema, tau_mode=tau_mode, peak_gate=peak_gate,
+                           max_frozen_ratio=max_frozen_ratio,
                            freeze_mode=freeze_mode, impl=impl, record_history=record_history)
         if metric in mag.MOMENT_METRICS and not has_moments:
             raise ValueError(f"Invalid metric: {metric!r} reads Adam's moments (exp_avg, exp_avg_sq, betas, eps); "
@@ -186,7 +193,7 @@ class GradESOptimizer(torch.optim.Optimizer):
         self.max_frozen_ratio, self.record_history = float(max_frozen_ratio), record_history
         self._grace_steps_arg = grace_steps
         self._cfg = RuleConfig(tau=float(tau), grace_steps=self._resolve_grace(), patience=patience,
-                               ema=float(ema), tau_mode=tau_mode)
+                               ema=float(ema), tau_mode=tau_mode, peak_gate=float(peak_gate))
         self.impl = construct.resolve_impl(impl)
         self.process_group = process_group
         self.components: list[Component] = construct.resolve_components(
@@ -257,6 +264,7 @@ class GradESOptimizer(torch.optim.Optimizer):
     patience = property(lambda self: self._cfg.patience, _read_only("patience"))
     ema = property(lambda self: self._cfg.ema, _read_only("ema"))
     tau_mode = property(lambda self: self._cfg.tau_mode, _read_only("tau_mode"))
+    peak_gate = property(lambda self: self._cfg.peak_gate, _read_only("peak_gate"))
     metric = property(lambda self: self._metric, _read_only("metric"))
     reduction = property(lambda self: self._reduction, _read_only("reduction"))
     check_interval = property(lambda self: self._check_interval, _read_only("check_interval"))
@@ -360,7 +368,7 @@ class GradESOptimizer(torch.optim.Optimizer):
         else:
             values = self._reference_step(check)
         if values is not None:
-            self._check(values)
+            self._check(values, self._gate_readings(values) if self._cfg.peak_gate else None)
         for group in self.param_groups:
             group["grades_step"] = self._step
         return loss
@@ -444,7 +452,7 @@ class GradESOptimizer(torch.optim.Optimizer):
                     "gradients; exclude this parameter from the components (matcher=/components=)")
         return out
 
-    def _measure(self, tensors, live, others=None, sums=None) -> list[Optional[float]]:
+    def _measure(self, tensors, live, others=None, sums=None, ord=None) -> list[Optional[float]]:
         group = dist_utils.resolve_group(self.process_group)
         owners = [c for c, _ in live]
         # the owner plan depends only on which params are measured (their sizes, devices, shards):
@@ -453,7 +461,8 @@ class GradESOptimizer(torch.optim.Optimizer):
         cached = self._owner_plan
         if cached is None or cached[0][0] is not key[0] or cached[0][1:] != key[1:]:
             cached = self._owner_plan = (key, mag.OwnerPlan(tensors, owners, len(self.components), group))
-        return mag.component_magnitudes(tensors, owners, len(self.components), mag.METRIC_ORD[self.metric],
+        ord = mag.METRIC_ORD[self.metric] if ord is None else ord
+        return mag.component_magnitudes(tensors, owners, len(self.components), ord,
                                         self.reduction, impl=self.impl, group=group, others=others, sums=sums,
                                         plan=cached[1])
 
@@ -474,6 +483,14 @@ class GradESOptimizer(torch.optim.Optimizer):
                                    [h[1] for h in per_param])
         return self._measure(params, have, sums=sums)
 
+    def _gate_readings(self, values) -> list[Optional[float]]:
+        # peak_gate's reading is the gradient L1 (the same reduction), taken after the step: the
+        # gradients are still there on both paths, and every rank measures at every check
+        if self.metric == "grad_l1":
+            return values
+        live = self._live_tracked_with_grad()
+        return self._measure([p.grad for _, p in live], live, ord=mag.METRIC_ORD["grad_l1"])
+
     def _keep_prev_grads(self, live) -> None:
         # Only the gradient of the step right before a check is needed.
         # Frozen components' copies went at their freeze (_freeze pops them), so live ones suffice.
@@ -491,7 +508,7 @@ class GradESOptimizer(torch.optim.Optimizer):
                 if st and _PREV_GRAD in st and id(p) not in kept:
                     del st[_PREV_GRAD]
 
-    def _check(self, values: list[Optional[float]]) -> None:
+    def _check(self, values: list[Optional[float]], gates: Optional[list] = None) -> None:
         live = self._layout().live_cids  # the rule runs over live components only: frozen is final
         bad = [self.components[c].name for c in live
                if values[c] is not None and not math.isfinite(values[c])]
@@ -504,7 +521,7 @@ class GradESOptimizer(torch.optim.Optimizer):
         comps, new = self.components, tuple.__new__  # records from plain tuples: per component per check
         for c in live:
             comp, metric = comps[c], values[c]
-            state, value, threshold = decide(states[c], metric, step, cfg)
+            state, value, threshold = decide(states[c], metric, step, cfg, None if gates is None else gates[c])
             states[c] = state
             frozen = state[0] is not None  # frozen_at
             if frozen:

@@ -12,7 +12,12 @@ Per component ``c`` and check at GradES step ``t`` (optimizer steps the wrapper 
   min_steps_before_freeze``), a freeze is possible at step ``grace_steps = int(α·T)`` itself;
 * after ``patience`` consecutive checks with ``s_t < threshold`` the component freezes at ``t``;
   a reading that is not finite breaks the streak and never counts as converged;
-* frozen is final (GradES never unfreezes).
+* frozen is final (GradES never unfreezes);
+* with ``peak_gate = g > 0`` a reading also counts as converged only while the component's gate
+  reading (its gradient L1, smoothed with the same EMA) is below ``g ×`` its running peak: a
+  gradient that has not fallen from its peak is still being learned from, whatever the metric says
+  (a gradient-noise metric reads "converged" on a plateau before learning starts). Off (0) in the
+  paper's rule.
 
 The released GradES code froze on a first reading of 0.0 and on exceptions; here a missing reading
 is ``None`` and can only delay a freeze.
@@ -35,6 +40,7 @@ class RuleConfig:
     patience: int = 1
     ema: float = 0.0
     tau_mode: str = "absolute"
+    peak_gate: float = 0.0  # 0: off
 
 
 class ComponentState(NamedTuple):
@@ -50,6 +56,8 @@ class ComponentState(NamedTuple):
     ref_sum: float = 0.0  # relative mode: sum and count of grace-period readings
     ref_count: int = 0
     ref_first: Optional[float] = None  # first post-grace reading, used when grace had none
+    gate: Optional[float] = None  # peak_gate: the smoothed gate reading, and its running peak
+    gate_peak: float = 0.0
 
 
 def _finite(x: Optional[float]) -> bool:
@@ -71,20 +79,40 @@ _new = tuple.__new__  # a NamedTuple built from a plain tuple, without its Pytho
 _isfinite = math.isfinite
 
 
-def decide(state: ComponentState, metric: Optional[float], step: int, cfg: RuleConfig):
-    """One check of one component. Returns ``(new_state, compared_value, threshold)``."""
+def _gate(state: ComponentState, reading: Optional[float], cfg: RuleConfig):
+    """The gate's new (smoothed, peak), and whether it is open (the gradient fell from its peak)."""
+    gate, peak = state[6], state[7]
+    if reading is not None and _isfinite(reading):
+        ema = cfg.ema
+        gate = reading if ema <= 0 or gate is None else ema * gate + (1.0 - ema) * reading
+        peak = max(peak, gate)
+        return gate, peak, gate < cfg.peak_gate * peak
+    return gate, peak, False  # no reading: not known to have fallen
+
+
+def decide(state: ComponentState, metric: Optional[float], step: int, cfg: RuleConfig,
+           gate_reading: Optional[float] = None):
+    """One check of one component. Returns ``(new_state, compared_value, threshold)``.
+
+    ``gate_reading`` is the component's gradient L1 at this check, read only when ``cfg.peak_gate``.
+    """
     # This runs once per live component per check (thousands a step for MoE models), so states
     # are built positionally from plain tuples (frozen_at, below, smoothed, ref_sum, ref_count,
-    # ref_first) and the threshold is formed inline; threshold_for is the readable form of it.
-    frozen_at, below, smoothed, ref_sum, ref_count, ref_first = state
+    # ref_first, gate, gate_peak) and the threshold is formed inline; threshold_for is the readable
+    # form of it.
+    frozen_at, below, smoothed, ref_sum, ref_count, ref_first, gate, peak = state
     if frozen_at is not None:
         return state, None, threshold_for(state, cfg)
+    is_open = True
+    if cfg.peak_gate > 0:
+        gate, peak, is_open = _gate(state, gate_reading, cfg)
     if metric is None or not _isfinite(metric):
-        return _new(ComponentState, (None, 0, smoothed, ref_sum, ref_count, ref_first)), None, threshold_for(state, cfg)
+        return (_new(ComponentState, (None, 0, smoothed, ref_sum, ref_count, ref_first, gate, peak)), None,
+                threshold_for(state, cfg))
     ema = cfg.ema
     value = metric if ema <= 0 or smoothed is None else ema * smoothed + (1.0 - ema) * metric
     if step < cfg.grace_steps:
-        state = _new(ComponentState, (None, 0, value, ref_sum + value, ref_count + 1, ref_first))
+        state = _new(ComponentState, (None, 0, value, ref_sum + value, ref_count + 1, ref_first, gate, peak))
         return state, value, threshold_for(state, cfg)
     if cfg.tau_mode == "absolute":
         threshold = cfg.tau
@@ -95,19 +123,23 @@ def decide(state: ComponentState, metric: Optional[float], step: int, cfg: RuleC
     else:
         # relative mode with no grace reading: this first reading becomes the reference; a value
         # is never "below a fraction of itself" for tau <= 1, so it cannot freeze here.
-        state = _new(ComponentState, (None, 0, value, ref_sum, ref_count, value))
+        state = _new(ComponentState, (None, 0, value, ref_sum, ref_count, value, gate, peak))
         return state, value, threshold_for(state, cfg)
-    below = below + 1 if value < threshold else 0
+    below = below + 1 if value < threshold and is_open else 0
     frozen_at = step if below >= cfg.patience else None
-    return _new(ComponentState, (frozen_at, below, value, ref_sum, ref_count, ref_first)), value, threshold
+    return _new(ComponentState, (frozen_at, below, value, ref_sum, ref_count, ref_first, gate, peak)), value, threshold
 
 
 def decide_all(states: Sequence[ComponentState], metrics: Sequence[Optional[float]], step: int,
-               cfg: RuleConfig):
+               cfg: RuleConfig, gate_readings: Optional[Sequence[Optional[float]]] = None):
     """Apply :func:`decide` to every component; each decision depends only on its own inputs."""
     if len(states) != len(metrics):
         raise ValueError(f"got {len(metrics)} metrics for {len(states)} components")
-    return [decide(s, m, step, cfg) for s, m in zip(states, metrics)]
+    if gate_readings is None:
+        gate_readings = [None] * len(states)
+    elif len(gate_readings) != len(states):
+        raise ValueError(f"got {len(gate_readings)} gate readings for {len(states)} components")
+    return [decide(s, m, step, cfg, g) for s, m, g in zip(states, metrics, gate_readings)]
 
 
 def should_stop(states: Sequence[ComponentState], max_frozen_ratio: float) -> bool:

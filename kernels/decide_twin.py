@@ -50,14 +50,16 @@ class DecideState(NamedTuple):
 
     def to_rule(self) -> list:
         """Per component a plain tuple in ``grades_optim.rule.ComponentState``'s field order (frozen_at,
-        below, smoothed, ref_sum, ref_count, ref_first): ``ComponentState(*t)`` reads it, and it
-        compares equal to one. Plain tuples: ``kernels/`` imports nothing from ``grades_optim``."""
+        below, smoothed, ref_sum, ref_count, ref_first, gate, gate_peak): ``ComponentState(*t)`` reads
+        it, and it compares equal to one. Plain tuples: ``kernels/`` imports nothing from
+        ``grades_optim``. The device rule has no ``peak_gate`` yet: its two fields stay unset."""
 
         def opt(x):
             return None if math.isnan(x) else x
 
         cols = [t.tolist() for t in self[:6]]
-        return [(None if fa < 0 else fa, b, opt(s), rs, rc, opt(rf)) for fa, b, s, rs, rc, rf in zip(*cols)]
+        return [(None if fa < 0 else fa, b, opt(s), rs, rc, opt(rf), None, 0.0)
+                for fa, b, s, rs, rc, rf in zip(*cols)]
 
 
 def check_args(sums, comp_start, comp_count, numel, state, ord, reduction, tau_mode) -> None:

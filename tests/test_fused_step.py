@@ -472,3 +472,16 @@ def test_fused_update_snr_matches_reference_path(inner):
     for a, b in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("metric", ["grad_l1", "update_snr"])
+def test_fused_path_with_peak_gate_matches_reference_path(metric):
+    # the gate's gradient L1 is read after the fused kernel stepped: the same readings and freezes
+    ref_model, ref, _ = _run("adamw", "torch", metric=metric, peak_gate=0.8, ema=0.5)
+    model, fast, _ = _run("adamw", "triton", metric=metric, peak_gate=0.8, ema=0.5)
+    assert fast.fast_path.startswith("triton fused"), fast.fast_path_reason
+    _assert_same_history(ref, fast)
+    assert any(c.frozen for c in fast.components)
+    for a, b in zip(ref._states, fast._states):
+        assert b.gate == pytest.approx(a.gate, rel=1e-5) and b.gate_peak == pytest.approx(a.gate_peak, rel=1e-5)
+    _assert_same_states(ref_model, ref, model, fast)

@@ -642,3 +642,46 @@ def test_weight_delta_at_zero_lr_is_no_reading(tau_mode):
     inject(model, 1)
     opt.step()
     assert all(math.isfinite(r.metric) and r.metric > 0 for r in opt.last_check)
+
+
+# -- peak_gate ------------------------------------------------------------------------------
+def _gated_run(peak_gate, fall_at=None, steps=20, impl="torch", metric="update_snr", **kw):
+    """Noise gradients (update_snr reads them as converged at once); every gradient shrinks 10x from
+    ``fall_at`` on."""
+    model = make_model()
+    opt = GradESOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, metric=metric,
+                          tau=0.6 if metric == "update_snr" else 1e3, patience=2, peak_gate=peak_gate,
+                          impl=impl, **kw)
+    for s in range(steps):
+        inject(model, s, {"": 0.1} if fall_at is not None and s >= fall_at else None)
+        opt.step()
+    return model, opt
+
+
+def test_peak_gate_keeps_matrices_whose_gradient_has_not_fallen():
+    _, plain = _gated_run(0.0, ema=0.9)
+    assert {c.frozen_at_step for c in plain.components} == {11, 12}
+    _, held = _gated_run(0.8, ema=0.9)
+    assert not any(c.frozen for c in held.components)  # a level gradient never fell from its peak
+    _, fell = _gated_run(0.8, fall_at=12, ema=0.9)  # falls at step 13; its EMA is under 0.8 × peak from 15
+    assert {c.frozen_at_step for c in fell.components} == {15, 16}
+
+
+@pytest.mark.parametrize("metric", ["update_snr", "grad_l1"])
+def test_peak_gate_reads_the_gradient_l1_of_each_component(metric):
+    model, opt = _gated_run(0.8, steps=3, metric=metric, ema=0.0)
+    for comp, st in zip(opt.components, opt._states):
+        grads = torch.cat([opt.param_groups[g]["params"][i].grad.flatten().double() for g, i in comp.positions])
+        assert st.gate == pytest.approx(grads.abs().mean().item(), rel=1e-6), comp.name
+
+
+def test_peak_gate_round_trips_through_state_dicts():
+    model, opt = _gated_run(0.8, steps=6)
+    saved = copy.deepcopy(opt.state_dict())
+    model2 = make_model()
+    opt2 = GradESOptimizer(torch.optim.AdamW(model2.parameters(), lr=1e-2), model=model2, metric="update_snr",
+                           tau=0.6, patience=2, peak_gate=0.8)
+    opt2.load_state_dict(saved)
+    assert opt2._states == opt._states and all(st.gate_peak > 0 for st in opt2._states)
+    with pytest.raises(AttributeError, match="fixed at construction"):
+        opt2.peak_gate = 0.5

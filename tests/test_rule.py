@@ -138,3 +138,68 @@ def test_should_stop_ratio():
 def test_decide_all_length_mismatch():
     with pytest.raises(ValueError, match="2 metrics for 1 components"):
         decide_all([ComponentState()], [1.0, 2.0], 1, RuleConfig(tau=1.0))
+
+
+# -- peak_gate: a reading counts as converged only once the gradient fell from its peak ----------
+def run_gated(cfg, seq, gates):
+    state, out = ComponentState(), []
+    for k, (m, g) in enumerate(zip(seq, gates), start=1):
+        state, _, _ = decide(state, m, k, cfg, g)
+        out.append(state)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(cfg=configs, seq=st.lists(readings, min_size=1, max_size=30), data=st.data(),
+       gate=st.sampled_from([0.5, 0.8, 1.0]))
+def test_peak_gate_never_freezes_earlier_than_the_ungated_rule(cfg, seq, data, gate):
+    gates = data.draw(st.lists(readings, min_size=len(seq), max_size=len(seq)))
+    plain = run(cfg, seq)[-1].frozen_at
+    gated_cfg = RuleConfig(**{**cfg.__dict__, "peak_gate": gate})
+    gated = run_gated(gated_cfg, seq, gates)[-1].frozen_at
+    assert gated is None or (plain is not None and gated >= plain)
+
+
+def test_peak_gate_holds_a_plateau_until_the_gradient_falls():
+    # the metric reads "converged" (below tau) from the start; the gradient L1 stays at its level
+    # for 6 checks, then falls to a quarter of it
+    cfg = RuleConfig(tau=0.3, patience=2, peak_gate=0.8)
+    seq, gates = [0.1] * 12, [4.0] * 6 + [1.0] * 6
+    assert run(RuleConfig(tau=0.3, patience=2), seq)[-1].frozen_at == 2  # ungated: frozen at once
+    states = run_gated(cfg, seq, gates)
+    assert [s.frozen_at for s in states][:7] == [None] * 7
+    assert states[-1].frozen_at == 8  # open at checks 7 and 8 (1.0 < 0.8 × 4.0): patience 2
+    assert states[5].gate == 4.0 and states[5].gate_peak == 4.0
+
+
+def test_peak_gate_smooths_its_reading_with_the_rule_ema():
+    cfg = RuleConfig(tau=0.3, ema=0.5, peak_gate=0.8)
+    states = run_gated(cfg, [0.1] * 3, [4.0, 2.0, 2.0])
+    assert [s.gate for s in states] == [4.0, 3.0, 3.0]  # EMA 0.5; a frozen state is final
+    assert [s.frozen_at for s in states] == [None, 2, 2]  # 3.0 < 0.8 × 4.0 at check 2
+
+
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf])
+def test_peak_gate_without_a_reading_stays_shut(bad):
+    cfg = RuleConfig(tau=0.3, peak_gate=0.8)
+    states = run_gated(cfg, [0.1] * 4, [4.0, bad, bad, bad])
+    assert all(s.frozen_at is None for s in states) and states[-1].gate == 4.0
+
+
+def test_peak_gate_follows_the_gradient_through_the_grace_period():
+    # the peak is set during the grace period: a gradient that fell before grace ended is open at once
+    cfg = RuleConfig(tau=0.3, grace_steps=3, peak_gate=0.8)
+    states = run_gated(cfg, [0.1] * 4, [4.0, 1.0, 1.0, 1.0])
+    assert [s.frozen_at for s in states] == [None, None, 3, 3]
+
+
+def test_states_saved_before_peak_gate_load():
+    # checkpoints written before the gate fields held six numbers per component
+    state = ComponentState(*[None, 2, 0.5, 1.0, 2, None])
+    assert state.gate is None and state.gate_peak == 0.0
+    assert decide(state, 0.1, 5, RuleConfig(tau=0.3, patience=3, peak_gate=0.8), 1.0)[0].below == 0
+
+
+def test_decide_all_gate_length_mismatch():
+    with pytest.raises(ValueError, match="1 gate readings for 2 components"):
+        decide_all([ComponentState()] * 2, [1.0, 2.0], 1, RuleConfig(tau=1.0, peak_gate=0.5), [1.0])

@@ -59,6 +59,7 @@ class FinetuneConfig:
     grades_patience: int = _G["patience"]
     metric: str = _G["metric"]
     ema: float = _G["ema"]
+    peak_gate: float = _G["peak_gate"]
     check_interval: int = _G["check_interval"]
     # monitoring only (not counted in wall time): validation accuracy every probe_every steps
     probe_every: Optional[int] = 50

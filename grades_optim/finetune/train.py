@@ -116,7 +116,7 @@ def _grades_optimizer(inner, model, cfg: FinetuneConfig, total: int):
 
     return GradESOptimizer(inner, model=model, tau=cfg.tau, tau_mode=cfg.tau_mode, alpha=cfg.alpha,
                            total_steps=total, patience=cfg.grades_patience, metric=cfg.metric,
-                           ema=cfg.ema, check_interval=cfg.check_interval)
+                           ema=cfg.ema, peak_gate=cfg.peak_gate, check_interval=cfg.check_interval)
 
 
 @dataclasses.dataclass
