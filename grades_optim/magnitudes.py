@@ -78,38 +78,32 @@ def update_snr_sums(params: Sequence[torch.Tensor], states: Sequence[dict], beta
     c2 = [1.0 / math.sqrt(1.0 - b2 ** t) for (_, b2), t in zip(betas, ts)]
     shift = [float(e) / k for e, k in zip(eps, c2)]
     scale = torch.tensor([a / b for a, b in zip(c1, c2)], dtype=torch.float32)
+    # one scalar when every tensor shares it (one eps, one step count): the per-tensor forms are
+    # several times slower on CPU
+    uniform = shift[0] if len(set(shift)) == 1 else None
     if len(shift) == 1:
         shift = shift * len(states)
     m = [dist_utils.local(st["exp_avg"]) for st in states]
     v = [dist_utils.local(st["exp_avg_sq"]) for st in states]
+
+    def of_group(idx):
+        sh = uniform if uniform is not None else torch.tensor([shift[i] for i in idx]).unsqueeze(1)
+        return (dispatch.stacked(m, idx).float().abs() / (dispatch.stacked(v, idx).float().sqrt() + sh)).sum(1)
+
+    def of_rest(idx):
+        # foreach ops: four launches for all of them, not five per tensor (the per-tensor form cost
+        # ~50 µs a component on the host, and as many GPU launches)
+        root = torch._foreach_sqrt([v[i].float() for i in idx])
+        torch._foreach_add_(root, uniform if uniform is not None else [shift[i] for i in idx])
+        part = torch._foreach_norm(torch._foreach_div([m[i].float() for i in idx], root), 1, dtype=torch.float32)
+        return torch.stack([x.to(m[0].device) for x in part])
+
     # small CPU tensors are stacked (dispatch.stack_groups says why); grouped by the first moments
     # alone, as Adam's two moments have the parameter's shape (another dtype is promoted, and
     # both are read in fp32 anyway)
     groups, rest = dispatch.stack_groups(m)
-    if len(groups) == 1 and not rest:
-        return _snr_rows(m, v, groups[0], shift) * scale
-    sums = torch.empty(len(params), dtype=torch.float32, device=m[0].device)
-    for idx in groups:
-        sums[torch.tensor(idx)] = _snr_rows(m, v, idx, shift)
-    if rest:
-        # foreach ops: four launches for all of them, not five per tensor (the per-tensor form cost
-        # ~50 µs a component on the host, and as many GPU launches)
-        root = torch._foreach_sqrt([v[i].float() for i in rest])
-        shifts = [shift[i] for i in rest]
-        # one scalar when every tensor shares it (one eps, one step count): the scalar-list form
-        # is several times slower per tensor on CPU
-        torch._foreach_add_(root, shifts[0] if len(set(shifts)) == 1 else shifts)
-        part = torch._foreach_norm(torch._foreach_div([m[i].float() for i in rest], root), 1, dtype=torch.float32)
-        sums[torch.tensor(rest, device=sums.device)] = torch.stack([x.to(sums.device) for x in part])
+    sums = dispatch.scatter_groups(len(params), groups, rest, of_group, of_rest, device=m[0].device)
     return sums * scale.to(sums.device)
-
-
-def _snr_rows(m, v, idx, shift) -> torch.Tensor:
-    """``Σ |m| / (sqrt(v) + shift)`` per row of the stacked small CPU moments ``m[i]``, ``v[i]``, ``i`` in ``idx``."""
-    first = shift[idx[0]]
-    sh = first if shift.count(first) == len(shift) else \
-        torch.tensor([shift[i] for i in idx], dtype=torch.float32).unsqueeze(1)
-    return (dispatch.stacked(m, idx).float().abs() / (dispatch.stacked(v, idx).float().sqrt() + sh)).sum(1)
 
 
 def _host_floats(values) -> list[float]:

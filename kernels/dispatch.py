@@ -83,6 +83,22 @@ def stacked(tensors: Sequence[torch.Tensor], idx: Sequence[int]) -> torch.Tensor
     return torch.stack([tensors[i] for i in idx]).reshape(len(idx), tensors[idx[0]].numel())
 
 
+def scatter_groups(n: int, groups: Sequence[Sequence[int]], rest: Sequence[int], of_group, of_rest,
+                   device=None) -> torch.Tensor:
+    """The ``[n]`` fp32 per-position results of :func:`stack_groups`' split: ``of_group(idx)`` for each
+    stacked group, ``of_rest(idx)`` for the others (all positions, in order, when nothing stacked)."""
+    if not groups:
+        return of_rest(range(n))
+    if len(groups) == 1 and not rest:  # one shape: already in order
+        return of_group(groups[0])
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    for idx in groups:
+        out[torch.tensor(idx)] = of_group(idx)
+    if rest:
+        out[torch.tensor(rest)] = of_rest(rest).to(out.device)
+    return out
+
+
 def _foreach_sums(tensors: Sequence[torch.Tensor], ord: int) -> torch.Tensor:
     # an fp32 result is refused for fp64 inputs (narrowing): then everything is summed in fp64
     wide = any(t.dtype == torch.float64 for t in tensors)
@@ -102,16 +118,8 @@ def torch_tensor_sums(tensors: Sequence[torch.Tensor], ord: int) -> torch.Tensor
     if not tensors:
         return torch.zeros(0, dtype=torch.float32)
     groups, rest = stack_groups(tensors)
-    if not groups:
-        return _foreach_sums(tensors, ord)
-    if len(groups) == 1 and not rest:  # one shape: already in order
-        return _rows_sums(stacked(tensors, groups[0]), ord)
-    out = torch.empty(len(tensors), dtype=torch.float32)
-    for idx in groups:
-        out[torch.tensor(idx)] = _rows_sums(stacked(tensors, idx), ord)
-    if rest:
-        out[torch.tensor(rest)] = _foreach_sums([tensors[i] for i in rest], ord)
-    return out
+    return scatter_groups(len(tensors), groups, rest, lambda idx: _rows_sums(stacked(tensors, idx), ord),
+                          lambda idx: _foreach_sums([tensors[i] for i in idx], ord))
 
 
 def torch_tensor_delta_sums(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], ord: int = 1) -> torch.Tensor:
@@ -122,14 +130,9 @@ def torch_tensor_delta_sums(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]
         if x.numel() != y.numel():
             raise ValueError(f"b[{i}] has {y.numel()} elements but a[{i}] has {x.numel()}")
     groups, rest = stack_groups(a, b)
-    if not groups:
-        return torch_tensor_sums([x.float().reshape(-1) - y.float().reshape(-1) for x, y in zip(a, b)], ord)
-    out = torch.empty(len(a), dtype=torch.float32)
-    for idx in groups:
-        out[torch.tensor(idx)] = _rows_sums(stacked(a, idx).float() - stacked(b, idx).float(), ord)
-    if rest:
-        out[torch.tensor(rest)] = torch_tensor_sums([a[i].float().reshape(-1) - b[i].float().reshape(-1) for i in rest], ord)
-    return out
+    return scatter_groups(
+        len(a), groups, rest, lambda idx: _rows_sums(stacked(a, idx).float() - stacked(b, idx).float(), ord),
+        lambda idx: torch_tensor_sums([a[i].float().reshape(-1) - b[i].float().reshape(-1) for i in idx], ord))
 
 
 def tensor_sums(tensors: Sequence[torch.Tensor], ord: int, *, impl: str = "auto") -> torch.Tensor:
