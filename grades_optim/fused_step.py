@@ -82,7 +82,8 @@ _IMPLEMENTED = {"adam": ("lr", "betas", "eps", "weight_decay", "maximize", "deco
                 "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "fused")}
 _INERT = ("params", "foreach", "initial_lr", "base_lr", "max_lr", "min_lr", "start_lr", "end_lr", "base_momentum",
           "max_momentum", "start_momentum", "end_momentum", "name", "param_names",
-          "grades_cid", "grades_numel", "grades_state", "grades_step", "grades_counters")
+          "grades_cid", "grades_numel", "grades_state", "grades_step", "grades_counters",
+          "grades_rule")
 _ALLOWED = {kind: frozenset(keys + _INERT) for kind, keys in _IMPLEMENTED.items()}
 _WHY: dict = {}  # key -> why the kernel does not take it, where more can be said than "not implemented"
 _NUMBERS = {"adam": ("lr", "eps", "weight_decay"), "sgd": ("lr", "momentum", "dampening", "weight_decay")}

@@ -54,6 +54,7 @@ GUARD_BURST = 0.5
 DEFAULT_HISTORY = 200_000
 
 _KEYS = ("grades_step", "grades_cid", "grades_numel", "grades_state")
+_RULE_FIELDS = ("metric", "reduction", "tau_mode", "ema", "peak_gate")  # GradESOptimizer._rule_settings
 _PREV_GRAD = "grades_prev_grad"
 _PREV_WEIGHT = "grades_prev_weight"
 
@@ -200,6 +201,8 @@ class GradESOptimizer(torch.optim.Optimizer):
             construct.specs_for(model, components, matcher, optimizer), optimizer)
         self.freeze_mode, self.freeze_mode_reason = construct.resolve_freeze_mode(
             freeze_mode, model, optimizer, dist_utils.resolve_group(process_group))
+        self._tracked_lengths = {g: len(self.param_groups[g]["params"]) for comp in self.components
+                                 for g, _ in comp.positions}
         self._states = [ComponentState() for _ in self.components]
         self._last = [None] * len(self.components)  # each component's latest CheckRecord
         self._freeze_version = 0  # bumped whenever the freeze set changes: the _Layout cache key
@@ -215,7 +218,17 @@ class GradESOptimizer(torch.optim.Optimizer):
         self.guard_burst = 0  # components that froze together right after the grace period (if > half)
         self.guard_nothing_frozen = False  # nothing frozen by GUARD_NOTHING_AT of total_steps
         if all(k in g for g in self.param_groups for k in _KEYS) and self._layout_error(self.param_groups) is None:
-            self._adopt_groups()  # the inner already carries GradES state (a checkpoint loaded into it)
+            # the inner already carries GradES state (a GradES checkpoint loaded into it): taken
+            # over, never silently, and only from a run with the same rule settings
+            error = self._saved_state_error(self.param_groups)
+            if error is not None:
+                raise ValueError(error.replace("state_dict", "the inner optimizer's param_groups", 1))
+            self._adopt_groups()
+            logger.warning("GradES: the inner optimizer's param_groups carry GradES state (a GradES checkpoint "
+                           "loaded into it): continuing that run at step %d with %d of %d components frozen. "
+                           "To start afresh, build the inner optimizer anew or load the checkpoint into "
+                           "this wrapper instead", self._step, sum(c.frozen for c in self.components),
+                           len(self.components))
         self._write_groups()
         # fast_path / fast_path_reason: which step runs (grades_optim.fused_step decides, per step)
         self._fused = fused_step.attach(self)
@@ -356,6 +369,19 @@ class GradESOptimizer(torch.optim.Optimizer):
             self._masked_inner_step()
             return loss
         self._step += 1
+        try:
+            values = self._stepped()
+        except BaseException:
+            self._step -= 1  # a step that raised (a caught OOM, an interrupt) is not counted
+            raise
+        if values is not None:
+            self._check(values, self._gate_readings(values) if self._cfg.peak_gate else None)
+        for group in self.param_groups:
+            group["grades_step"] = self._step
+        return loss
+
+    def _stepped(self) -> Optional[list]:
+        """The step itself, fused or through the inner optimizer; the metric's readings at checks."""
         if self._step == 1 and self._pending_alpha is not None:
             logger.warning("GradES: the default grace period (alpha=%g of total_steps) waits for total_steps; none "
                            "was given, so there is no grace period. Pass total_steps= (or call "
@@ -364,14 +390,8 @@ class GradESOptimizer(torch.optim.Optimizer):
         fused = self._fused(check) if self._fused is not None else None
         if fused is not None:  # tracked matrices stepped by the fused kernel, metric from the same pass
             live, sums = fused
-            values = self._measure([p.grad for _, p in live], live, sums=sums) if check else None
-        else:
-            values = self._reference_step(check)
-        if values is not None:
-            self._check(values, self._gate_readings(values) if self._cfg.peak_gate else None)
-        for group in self.param_groups:
-            group["grades_step"] = self._step
-        return loss
+            return self._measure([p.grad for _, p in live], live, sums=sums) if check else None
+        return self._reference_step(check)
 
     def _reference_step(self, check: bool) -> Optional[list]:
         """Measure with the torch/Triton reductions, step through the inner optimizer; readings at checks."""
@@ -655,8 +675,8 @@ class GradESOptimizer(torch.optim.Optimizer):
             state_dict = state_dict if out is None else out
         saved_groups = _check_state_dict(state_dict, self.param_groups, type(self._inner).__name__)
         has_grades = all(k in g for g in saved_groups for k in _KEYS)
-        error = self._layout_error(saved_groups) if has_grades else None
-        if error is not None:
+        error = (self._layout_error(saved_groups) or self._saved_state_error(saved_groups)) if has_grades else None
+        if error is not None:  # refused before anything was loaded
             raise ValueError(error)
         self._inner.load_state_dict(state_dict)
         if has_grades:
@@ -691,6 +711,36 @@ class GradESOptimizer(torch.optim.Optimizer):
                             "inner optimizer and the GradES components exactly as for the saved run")
         return None
 
+    def _rule_settings(self) -> list:
+        """What a checkpoint's rule state depends on (``tau`` and ``patience`` may change between runs)."""
+        return [self.metric, self.reduction, self._cfg.tau_mode, self._cfg.ema, self._cfg.peak_gate]
+
+    def _saved_state_error(self, saved_groups) -> Optional[str]:
+        """Why saved GradES state cannot be taken over, or None: other rule settings, or a format
+        this version cannot read. Checked before anything is loaded."""
+        saved = saved_groups[0].get("grades_rule")  # absent from checkpoints written before it was kept
+        if saved is not None:
+            mine = self._rule_settings()
+            diff = [f"{name}={a!r} there, {b!r} here" for name, a, b in zip(_RULE_FIELDS, list(saved), mine)
+                    if a != b]
+            if diff or len(saved) != len(mine):
+                return (f"state_dict was saved with other GradES rule settings ({'; '.join(diff) or saved}): its "
+                        "smoothed readings and references mean something else under these. Build the "
+                        "GradESOptimizer with the saved settings, or drop the grades_* keys from its "
+                        "param_groups to load the optimizer state with nothing frozen")
+        n_fields = len(ComponentState._fields)
+        for g, group in enumerate(saved_groups):
+            for i, st in enumerate(group["grades_state"]):
+                if st is None:
+                    continue
+                if (not isinstance(st, (list, tuple)) or not 1 <= len(st) <= n_fields
+                        or not (st[0] is None or construct.is_int(st[0]))):
+                    shown = _short(st) if isinstance(st, (list, tuple)) else repr(st)
+                    return (f"state_dict param_groups[{g}]['grades_state'][{i}] is {shown}: not a component "
+                            f"state this grades_optim can read (at most {n_fields} numbers, the first a step "
+                            "or None; saved by another version?)")
+        return None
+
     def _write_groups(self) -> None:
         """Write every ``grades_*`` key into the inner groups (state_dict, construction, loads)."""
         layout = self._layout()
@@ -701,6 +751,7 @@ class GradESOptimizer(torch.optim.Optimizer):
             group["grades_numel"] = list(numel)
             group["grades_state"] = [list(self._states[c]) if c >= 0 else None for c in ids]
             group["grades_counters"] = list(counters)
+            group["grades_rule"] = self._rule_settings()
 
     def _write_frozen(self, cids) -> None:
         """After a freeze: only the frozen components' entries (and the counters) change."""
@@ -760,6 +811,17 @@ class _Layout:
 
     def __init__(self, opt: "GradESOptimizer"):
         groups = opt.param_groups
+        for g, n in opt._tracked_lengths.items():  # components address params by position
+            have = len(groups[g]["params"]) if g < len(groups) else None
+            if have != n:
+                raise ValueError(
+                    f"The inner optimizer's param_groups[{g}] now holds {have} params (it held {n} when GradES was "
+                    "built): the tracked components address their parameters by position, so they would "
+                    "point at other tensors. Remove or add parameters by building the inner optimizer and "
+                    "the GradESOptimizer anew (add_param_group is fine: new groups are untracked)"
+                    if have is not None else
+                    f"The inner optimizer lost param_groups[{g}], which holds tracked components; build the "
+                    "inner optimizer and the GradESOptimizer anew")
         self.refs = [(g, g["params"], len(g["params"])) for g in groups]
         self.version = opt._freeze_version
         self.cid = [[-1] * len(g["params"]) for g in groups]

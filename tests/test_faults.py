@@ -221,7 +221,32 @@ LOAD_CASES = [
      r"state_dict comes from a different optimizer class \(its param_groups lack 'betas'"),
     ("not_a_state_dict", lambda: {"model": 1}, ValueError, r"Invalid state_dict: expected an optimizer state dict"),
     ("not_a_dict", lambda: [1, 2], ValueError, r"Invalid state_dict: .* got list"),
+    ("another_metric", lambda: _saved_with(metric="grad_l2"), ValueError,
+     r"state_dict was saved with other GradES rule settings \(metric='grad_l2' there, 'grad_l1' here\)"),
+    ("another_ema_and_tau_mode", lambda: _saved_with(ema=0.5, tau_mode="relative", tau=0.5), ValueError,
+     r"other GradES rule settings \(tau_mode='relative' there, 'absolute' here; ema=0\.5 there, 0\.0 here\)"),
+    ("another_peak_gate", lambda: _saved_with(peak_gate=0.8), ValueError, r"peak_gate=0\.8 there, 0\.0 here"),
+    ("newer_state_format", lambda: _edited_state(lambda st: st + [1.0, 2.0]), ValueError,
+     r"param_groups\[0\]\['grades_state'\]\[3\] is .*\(10 entries\): not a component state this grades_optim "
+     r"can read \(at most 8 numbers, the first a step or None; saved by another version\?\)"),
+    ("state_not_numbers", lambda: _edited_state(lambda st: ["3"] + st[1:]), ValueError,
+     r"\['grades_state'\]\[3\] is \['3', 1, .*: not a component state"),
 ]
+
+
+def _saved_with(**rule):
+    model = make_model()
+    opt = build(model, **{"tau": 0.05, **rule})
+    inject(model, 0)
+    opt.step()
+    return opt.state_dict()
+
+
+def _edited_state(edit):
+    sd = trained()[1].state_dict()
+    for group in sd["param_groups"]:
+        group["grades_state"] = [None if st is None else edit(list(st)) for st in group["grades_state"]]
+    return sd
 
 
 def _reordered():
@@ -330,3 +355,70 @@ def test_bf16_parameters_measure_in_fp32_and_freeze_bit_identically():
         inject(model, s)
         opt.step()
     assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_checkpoints_written_before_the_rule_settings_were_kept_still_load():
+    model, opt = trained()
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        del group["grades_rule"]
+        group["grades_state"] = [None if st is None else list(st)[:6] for st in group["grades_state"]]
+    model2, opt2 = trained(seed=1)
+    opt2.load_state_dict(sd)
+    assert [c.frozen_at_step for c in opt2.components] == [c.frozen_at_step for c in opt.components]
+    assert opt2.step_count == opt.step_count == 3 and any(c.frozen for c in opt2.components)
+
+
+def test_a_step_that_raises_is_not_counted():
+    model, opt = trained()
+    real = opt.optimizer.step
+    calls = []
+
+    def out_of_memory(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    opt.optimizer.step = out_of_memory
+    inject(model, 3)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.step()
+    assert calls and opt.step_count == 3 and opt.param_groups[0]["grades_step"] == 3
+    opt.optimizer.step = real
+    opt.step()  # the caller retries (e.g. after freeing memory): that one is step 4
+    assert opt.step_count == 4 and opt.state_dict()["param_groups"][0]["grades_step"] == 4
+
+
+def test_an_inner_carrying_grades_state_is_taken_over_with_a_warning(caplog):
+    model, opt = trained()
+    sd = opt.state_dict()
+    model2 = make_model()
+    inner = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    inner.load_state_dict(sd)  # a GradES checkpoint loaded into the plain inner optimizer
+    with caplog.at_level("WARNING", logger="grades_optim"):
+        opt2 = GradESOptimizer(inner, model=model2, tau=0.05)
+    assert opt2.step_count == 3 and [c.frozen_at_step for c in opt2.components] == \
+        [c.frozen_at_step for c in opt.components]
+    assert "continuing that run at step 3" in caplog.text
+    model3 = make_model()
+    inner3 = torch.optim.AdamW(model3.parameters(), lr=1e-2)
+    inner3.load_state_dict(sd)
+    before = copy.deepcopy(inner3.state_dict())
+    with pytest.raises(ValueError, match=r"the inner optimizer's param_groups was saved with other GradES rule "
+                                         r"settings \(metric='grad_l1' there, 'grad_l2' here\)"):
+        GradESOptimizer(inner3, model=model3, tau=0.05, metric="grad_l2")
+    assert inner3.state_dict()["param_groups"] == before["param_groups"]
+
+
+def test_parameters_removed_from_a_tracked_group_are_refused():
+    model, opt = trained()
+    opt.param_groups[0]["params"].pop(0)  # pruning: every later position now holds another tensor
+    with pytest.raises(ValueError, match=r"param_groups\[0\] now holds 23 params \(it held 24 when GradES was "
+                                         r"built\): the tracked components address their parameters by position"):
+        opt.step()
+    extra = nn.Parameter(torch.zeros(3))
+    model2, opt2 = trained()
+    opt2.add_param_group({"params": [extra]})  # a new group is untracked: fine
+    extra.grad = torch.ones(3)
+    inject(model2, 3)
+    opt2.step()
+    assert opt2.step_count == 4
