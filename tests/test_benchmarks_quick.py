@@ -68,7 +68,8 @@ def test_study_decisions_quick(tmp_path):
     rec = json.loads((tmp_path / "decisions.json").read_text())["runs"]["rt/0"]
     stops = {rec[f"grades[{v}]"]["steps"] for v in ("defaults", "released")}
     assert {"full", "classic-es"} <= set(rec) and all(f"truncated@{s}" in rec for s in stops)
-    assert all(str(s) in rec["full"]["at"] for s in stops)  # full scored at every GradES stop step
+    # full scored at every GradES stop step (a stop at the planned end is its final score)
+    assert all(str(s) in rec["full"]["at"] or s == rec["planned_steps"] for s in stops)
     assert all(rec[f"truncated@{s}"]["steps"] == s for s in stops)
     md = (tmp_path / "decisions.md").read_text()
     assert md.count("| rt | 1 |") == 2, md

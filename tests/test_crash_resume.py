@@ -98,7 +98,9 @@ def test_torn_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_pa
     data = files[0].read_bytes()
     files[0].write_bytes(data[: len(data) * 2 // 3])  # e.g. a disk that lost the tail
     model = make_model(seed=7)
-    opt = GradESOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, tau=0.8, tau_mode="relative")
+    # the rule settings of crash_train.py: a checkpoint refuses a wrapper with others
+    opt = GradESOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, tau=0.8, tau_mode="relative",
+                          grace_steps=4, patience=2, ema=0.2, metric="grad_delta_l1")
     with caplog.at_level("WARNING", logger="grades_optim"):
         state = ckpt.load_checkpoint(tmp_path / "ckpt", model=model, optimizer=opt, restore_rng=False)
     assert state["step"] == previous and "torn or corrupted" in caplog.text

@@ -21,6 +21,7 @@ def test_no_tau_takes_the_grades_preset():
     g = defaults.GRADES
     assert (opt.metric, opt.tau, opt.alpha, opt.reduction) == (g["metric"], g["tau"], g["alpha"], g["reduction"])
     assert (opt._cfg.tau_mode, opt._cfg.patience, opt._cfg.ema) == (g["tau_mode"], g["patience"], g["ema"])
+    assert opt.peak_gate == g["peak_gate"]
     assert opt.grace_steps == int(g["alpha"] * 40)
 
 
@@ -34,8 +35,8 @@ def test_a_given_tau_takes_the_paper_preset():
     model = make_model()
     opt = GradESOptimizer(torch.optim.AdamW(model.parameters()), model=model, tau=1e-3)
     p = defaults.PAPER
-    assert (opt.metric, opt.alpha, opt._cfg.patience, opt._cfg.ema, opt._cfg.tau_mode) == (
-        p["metric"], p["alpha"], p["patience"], p["ema"], p["tau_mode"])
+    assert (opt.metric, opt.alpha, opt._cfg.patience, opt._cfg.ema, opt._cfg.tau_mode, opt.peak_gate) == (
+        p["metric"], p["alpha"], p["patience"], p["ema"], p["tau_mode"], 0.0)
 
 
 def test_the_default_tau_is_refused_for_another_metric():
