@@ -673,11 +673,7 @@ class GradESOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = hook(self, state_dict)
             state_dict = state_dict if out is None else out
-        saved_groups = _check_state_dict(state_dict, self.param_groups, type(self._inner).__name__)
-        has_grades = all(k in g for g in saved_groups for k in _KEYS)
-        error = (self._layout_error(saved_groups) or self._saved_state_error(saved_groups)) if has_grades else None
-        if error is not None:  # refused before anything was loaded
-            raise ValueError(error)
+        has_grades = self.check_state_dict(state_dict)  # refused before anything is loaded
         self._inner.load_state_dict(state_dict)
         if has_grades:
             self._adopt_groups()
@@ -693,6 +689,23 @@ class GradESOptimizer(torch.optim.Optimizer):
         self._write_groups()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def check_state_dict(self, state_dict: dict) -> bool:
+        """Raise ``ValueError`` if ``state_dict`` cannot be loaded, modifying nothing; else return
+        whether it carries GradES state (``load_state_dict`` and ``load_checkpoint`` call it first)."""
+        saved_groups = _check_state_dict(state_dict, self.param_groups, type(self._inner).__name__)
+        has_grades = all(k in g for g in saved_groups for k in _KEYS)
+        error = (self._layout_error(saved_groups) or self._saved_state_error(saved_groups)) if has_grades else None
+        if error is not None:
+            raise ValueError(error)
+        return has_grades
+
+    def restore_records(self, history, last=None) -> None:
+        """Restore ``history`` and each component's latest record from a checkpoint's plain tuples
+        (``grades_optim.checkpoint``); ``last`` of another length (an old checkpoint) is ignored."""
+        self.history[:] = [CheckRecord(*r) for r in history]
+        if last is not None and len(last) == len(self.components):
+            self._last = [None if r is None else CheckRecord(*r) for r in last]
 
     def _layout(self) -> "_Layout":
         """The cached :class:`_Layout`; rebuilt when the groups or the freeze set changed."""
@@ -902,6 +915,15 @@ def _short(seq) -> str:
 
 # hyperparameters that identify an optimizer family: a checkpoint's groups have them iff ours do
 _CLASS_KEYS = ("betas", "momentum", "lr_decay", "rho", "beta2_decay")
+
+
+def check_optimizer_state_dict(optimizer: torch.optim.Optimizer, state_dict) -> None:
+    """Raise ``ValueError`` if ``optimizer.load_state_dict(state_dict)`` would load another layout
+    or optimizer class; modifies nothing (a wrapper also checks its GradES state)."""
+    if getattr(optimizer, "_is_grades_wrapper", False):
+        optimizer.check_state_dict(state_dict)
+    else:
+        _check_state_dict(state_dict, optimizer.param_groups, type(optimizer).__name__)
 
 
 def _check_state_dict(state_dict, groups, type_name: str = "optimizer") -> list:

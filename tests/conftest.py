@@ -98,7 +98,9 @@ def pause_mid_write(path, data: bytes, sleep_s: float) -> None:
     print ``WRITING`` and sleep: the crash tests SIGKILL the writer there, halfway through a write."""
     import time
 
-    with open(path.with_name(f".{path.name}.tmp-{os.getpid()}"), "wb") as f:
+    from grades_optim.checkpoint import temp_name
+
+    with open(temp_name(path), "wb") as f:
         f.write(data[: len(data) // 2])
         f.flush()
     print("WRITING", flush=True)

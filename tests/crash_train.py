@@ -28,14 +28,14 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.pause_in_write_at is not None:
-        real_write = ckpt._write_atomic
+        real_write = ckpt.write_atomic
 
         def slow_write(path, data):
             if path.name == f"ckpt-{args.pause_in_write_at:09d}.pt":
                 pause_mid_write(path, data, 60)
             real_write(path, data)
 
-        ckpt._write_atomic = slow_write
+        ckpt.write_atomic = slow_write
     model = make_model(seed=7)
     opt = GradESOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05), model=model,
                           tau=0.8, tau_mode="relative", grace_steps=4, patience=2, ema=0.2, metric="grad_delta_l1")

@@ -64,7 +64,7 @@ def instrument(final_dir: str, step_delay: float, pause_write: str) -> None:
         os.replace(path + ".tmp", path)
         return result
 
-    real_write = ckpt._write_atomic
+    real_write = ckpt.write_atomic
 
     def write_atomic(path, data):
         name = f"{path.parent.name}/{path.name}"
@@ -77,7 +77,7 @@ def instrument(final_dir: str, step_delay: float, pause_write: str) -> None:
     train.Batches.batch = batch
     parallel.Parallel.shard = shard
     runner.train_method = train_method
-    ckpt._write_atomic = write_atomic
+    ckpt.write_atomic = write_atomic
 
 
 def main() -> int:

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import shutil
 import tempfile
@@ -65,12 +64,9 @@ def config_hash(identity: dict) -> str:
 
 def write_json_atomic(path: pathlib.Path, obj) -> None:
     """Write JSON to a temporary file, fsync it, rename it over ``path``: never a torn file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, allow_nan=True))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from grades_optim.checkpoint import write_atomic
+
+    write_atomic(path, json.dumps(obj, allow_nan=True).encode("utf-8"))
 
 
 class WorkFolder:
