@@ -46,7 +46,7 @@ _NAME = re.compile(r"^ckpt-(\d{9,})\.pt$")  # 9 digits, more past step 999,999,9
 _TEMP = re.compile(r"^\.ckpt-\d+\.pt\.tmp-(\d+)-[0-9a-f]+$")
 
 
-def _folder(directory, must_exist: bool = False) -> Path:
+def _folder(directory) -> Path:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"Invalid directory: {str(directory)!r} is a file, not a checkpoint folder "

@@ -19,20 +19,13 @@ from grades_optim import GradESOptimizer
 from tests.conftest import TinyLM, batch, make_model
 
 
-def wrapper(model, **kw):
-    kw = dict(dict(tau=1e-9, grace_steps=2), **kw)
-    return GradESOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model=model, **kw)
-
-
 def lambda_sched(opt):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
 
 
 def trained_run(folder, steps=4, sched=lambda_sched, **kw):
-    """A short run that saved a checkpoint at ``steps``; returns nothing (the folder is the output)."""
-    model = make_model(seed=1)
-    opt = wrapper(model, **kw)
-    scheduler = sched(opt) if sched else None
+    """A short run that saves a checkpoint of step ``steps`` into ``folder``."""
+    model, opt, scheduler = _side(make_model(seed=1), sched=sched, **kw)
     for s in range(steps):
         opt.zero_grad()
         model.loss(batch(s)).backward()
